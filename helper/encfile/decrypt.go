@@ -1,0 +1,217 @@
+package encfile
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+
+	"filippo.io/age"
+)
+
+const (
+	chunkSize    = 64 << 10 // age STREAM plaintext chunk
+	chunkOverlay = 16       // Poly1305 tag per chunk
+	nonceSize    = 16       // payload nonce after the header
+	segmentSize  = 16 * chunkSize
+)
+
+// Errors Open and Decrypt return; callers branch on them with errors.Is/As.
+var (
+	ErrWrongIdentity = errors.New("this printer is not a recipient of the file (encrypted for other printers)")
+	ErrHeaderAuth    = errors.New("header authentication failed: the header or its metadata was altered, or the file is corrupt")
+	ErrPayloadEnd    = errors.New("the end of the encrypted payload does not authenticate: the file is truncated, has bytes appended, or is corrupt near its end")
+	ErrSizeMismatch  = errors.New("plaintext size differs from the size the publisher signed")
+	ErrDigest        = errors.New("plaintext SHA-256 differs from the digest the publisher signed")
+)
+
+// ChunkError reports a payload chunk that failed authentication.
+type ChunkError struct {
+	Index  int64 // 0-based chunk number
+	Offset int64 // ciphertext byte offset where the chunk starts
+}
+
+func (e *ChunkError) Error() string {
+	return fmt.Sprintf("payload chunk %d (at byte %d) failed authentication: the file was altered or is corrupt", e.Index, e.Offset)
+}
+
+// File is an encrypted file whose header has been authenticated with an
+// identity. Its plaintext size is authenticated too (age verifies the final
+// chunk first); the rest of the payload is authenticated as it is decrypted.
+type File struct {
+	Header    *Header
+	Public    *Public
+	PlainSize int64
+
+	src   io.ReaderAt
+	size  int64
+	plain io.ReaderAt
+}
+
+// ParseFile reads only the public parts of an encrypted file: no key needed,
+// nothing authenticated.
+func ParseFile(src io.ReaderAt, size int64) (*Header, *Public, error) {
+	h, err := ParseHeader(io.NewSectionReader(src, 0, size))
+	if err != nil {
+		return nil, nil, err
+	}
+	p, err := ParsePublic(h)
+	if err != nil {
+		return nil, nil, err
+	}
+	return h, p, nil
+}
+
+// Open parses the header, authenticates it with one of ids, and authenticates
+// the plaintext size. Its cost does not depend on the file size.
+func Open(src io.ReaderAt, size int64, ids ...age.Identity) (*File, error) {
+	h, p, err := ParseFile(src, size)
+	if err != nil {
+		return nil, err
+	}
+	fileKey, err := age.DecryptHeader(h.Raw, ids...)
+	if err != nil {
+		var nm *age.NoIdentityMatchError
+		if errors.As(err, &nm) {
+			return nil, ErrWrongIdentity
+		}
+		return nil, fmt.Errorf("%w (%v)", ErrHeaderAuth, err)
+	}
+	if size < h.Size()+nonceSize {
+		return nil, ErrPayloadEnd
+	}
+	plain, ptSize, err := age.DecryptReaderAt(src, size, age.NewInjectedFileKeyIdentity(fileKey))
+	if err != nil {
+		var nm *age.NoIdentityMatchError
+		if errors.As(err, &nm) {
+			// The header changed under us between the two reads.
+			return nil, ErrHeaderAuth
+		}
+		return nil, fmt.Errorf("%w (%v)", ErrPayloadEnd, err)
+	}
+	if p.Signature != nil && p.Signature.Size != uint64(ptSize) {
+		return nil, ErrSizeMismatch
+	}
+	return &File{Header: h, Public: p, PlainSize: ptSize, src: src, size: size, plain: plain}, nil
+}
+
+// Result is what a full decryption proved about the plaintext.
+type Result struct {
+	Size   int64
+	SHA256 [32]byte
+}
+
+// DecryptTo decrypts the whole payload into dst at the same offsets, using
+// workers goroutines (0 means one per CPU), and returns its size and
+// SHA-256. Every chunk is authenticated before DecryptTo returns nil; on any
+// error dst holds a partial plaintext that the caller must discard. Memory
+// use is about 2*workers*1 MiB whatever the file size.
+func (f *File) DecryptTo(dst io.WriterAt, workers int) (Result, error) {
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	nseg := (f.PlainSize + segmentSize - 1) / segmentSize
+	if int64(workers) > nseg {
+		workers = int(max(nseg, 1))
+	}
+	// Worker w handles segments w, w+W, w+2W...; the hasher reads the
+	// per-worker queues round-robin, so it hashes in file order, and hands
+	// each buffer back to its worker's free list when done with it.
+	queues := make([]chan segment, workers)
+	free := make([]chan []byte, workers)
+	for i := range queues {
+		queues[i] = make(chan segment, 2)
+		free[i] = make(chan []byte, 2)
+		free[i] <- make([]byte, segmentSize)
+		free[i] <- make([]byte, segmentSize)
+	}
+	var (
+		errMu    sync.Mutex
+		firstErr error
+		errSeg   int64 = -1
+		stop           = make(chan struct{})
+		stopOnce sync.Once
+	)
+	fail := func(idx int64, err error) {
+		errMu.Lock()
+		if errSeg < 0 || idx < errSeg {
+			errSeg, firstErr = idx, err
+		}
+		errMu.Unlock()
+		stopOnce.Do(func() { close(stop) })
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			defer close(queues[w])
+			for i := int64(w); i < nseg; i += int64(workers) {
+				var buf []byte
+				select {
+				case buf = <-free[w]:
+				case <-stop:
+					return
+				}
+				off := i * segmentSize
+				n := int(min(segmentSize, f.PlainSize-off))
+				if _, err := f.plain.ReadAt(buf[:n], off); err != nil && !(err == io.EOF && n > 0) {
+					fail(i, f.locate(off, n))
+					return
+				}
+				if _, err := dst.WriteAt(buf[:n], off); err != nil {
+					fail(i, fmt.Errorf("writing plaintext: %w", err))
+					return
+				}
+				queues[w] <- segment{buf, n}
+			}
+		}(w)
+	}
+	h := sha256.New()
+	var hashed int64
+	for i := int64(0); i < nseg; i++ {
+		w := i % int64(workers)
+		s, ok := <-queues[w]
+		if !ok {
+			break
+		}
+		h.Write(s.buf[:s.n])
+		hashed += int64(s.n)
+		free[w] <- s.buf
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return Result{}, firstErr
+	}
+	if hashed != f.PlainSize {
+		return Result{}, fmt.Errorf("internal error: hashed %d of %d bytes", hashed, f.PlainSize)
+	}
+	var r Result
+	r.Size = f.PlainSize
+	copy(r.SHA256[:], h.Sum(nil))
+	if sig := f.Public.Signature; sig != nil && !bytes.Equal(sig.SHA256, r.SHA256[:]) {
+		return Result{}, ErrDigest
+	}
+	return r, nil
+}
+
+type segment struct {
+	buf []byte
+	n   int
+}
+
+// locate finds the first chunk in a failed segment, for a precise error.
+func (f *File) locate(off int64, n int) error {
+	buf := make([]byte, chunkSize)
+	for c := off; c < off+int64(n); c += chunkSize {
+		m := int(min(chunkSize, f.PlainSize-c))
+		if _, err := f.plain.ReadAt(buf[:m], c); err != nil && !(err == io.EOF && m > 0) {
+			idx := c / chunkSize
+			return &ChunkError{Index: idx, Offset: f.Header.Size() + nonceSize + idx*(chunkSize+chunkOverlay)}
+		}
+	}
+	return &ChunkError{Index: off / chunkSize, Offset: f.Header.Size() + nonceSize + off/chunkSize*(chunkSize+chunkOverlay)}
+}

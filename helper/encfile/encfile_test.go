@@ -1,0 +1,374 @@
+package encfile
+
+import (
+	"bufio"
+	"bytes"
+	"compress/zlib"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	agetest "c2sp.org/CCTV/age"
+	"filippo.io/age"
+)
+
+// memFile is an in-memory io.WriterAt, safe for concurrent disjoint writes.
+type memFile struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (m *memFile) WriteAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if need := int(off) + len(p); need > len(m.buf) {
+		m.buf = append(m.buf, make([]byte, need-len(m.buf))...)
+	}
+	copy(m.buf[off:], p)
+	return len(p), nil
+}
+
+func newID(t testing.TB) *age.X25519Identity {
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func encrypt(t testing.TB, plain []byte, opts EncryptOptions) []byte {
+	var out bytes.Buffer
+	if err := Encrypt(&out, bytes.NewReader(plain), opts); err != nil {
+		t.Fatal(err)
+	}
+	return out.Bytes()
+}
+
+func decryptAll(ct []byte, ids ...age.Identity) ([]byte, Result, error) {
+	f, err := Open(bytes.NewReader(ct), int64(len(ct)), ids...)
+	if err != nil {
+		return nil, Result{}, err
+	}
+	var m memFile
+	m.buf = make([]byte, 0, f.PlainSize)
+	r, err := f.DecryptTo(&m, 0)
+	return m.buf, r, err
+}
+
+func pattern(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte("G1 X10 Y20\n"[i%11])
+	}
+	return b
+}
+
+func TestRoundTripSizes(t *testing.T) {
+	id := newID(t)
+	for _, n := range []int{0, 1, chunkSize - 1, chunkSize, chunkSize + 1, segmentSize, segmentSize + 1, 5*segmentSize + 3} {
+		for _, workers := range []int{1, 2, 3} {
+			plain := pattern(n)
+			ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()}})
+			f, err := Open(bytes.NewReader(ct), int64(len(ct)), id)
+			if err != nil {
+				t.Fatalf("size %d: %v", n, err)
+			}
+			var m memFile
+			r, err := f.DecryptTo(&m, workers)
+			if err != nil {
+				t.Fatalf("size %d workers %d: %v", n, workers, err)
+			}
+			if r.Size != int64(n) || !bytes.Equal(m.buf, plain) || r.SHA256 != sha256.Sum256(plain) {
+				t.Fatalf("size %d workers %d: round trip mismatch", n, workers)
+			}
+		}
+	}
+}
+
+func TestMetadataPolicySignatureRoundTrip(t *testing.T) {
+	id := newID(t)
+	_, priv, _ := ed25519.GenerateKey(nil)
+	md := &Metadata{Slicer: "PrusaSlicer", SlicerVersion: "2.7.1", EstimatedTime: 754, LayerCount: 20,
+		Thumbnails: []Thumbnail{{Width: 32, Height: 32, Format: "png", Data: []byte("\x89PNG...")}}}
+	pol := &Policy{MaxPrints: 3, NotAfter: 4102444800}
+	plain := pattern(100_000)
+	ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Metadata: md, Policy: pol, Signer: priv})
+
+	h, p, err := ParseFile(bytes.NewReader(ct), int64(len(ct)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Metadata.Slicer != "PrusaSlicer" || p.Metadata.Thumbnails[0].Width != 32 || p.Policy.MaxPrints != 3 || len(p.FileID) != 16 {
+		t.Fatalf("public parts not as written: %+v %+v", p.Metadata, p.Policy)
+	}
+	if h.Recipients() != 1 {
+		t.Fatalf("recipients = %d, want 1", h.Recipients())
+	}
+	if err := p.VerifySignature(); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := decryptAll(ct, id)
+	if err != nil || !bytes.Equal(got, plain) {
+		t.Fatalf("decrypt: %v", err)
+	}
+}
+
+func TestSeveralRecipientsEachDecrypt(t *testing.T) {
+	a, b, c := newID(t), newID(t), newID(t)
+	ct := encrypt(t, pattern(1000), EncryptOptions{Recipients: []age.Recipient{a.Recipient(), b.Recipient()}})
+	for _, id := range []*age.X25519Identity{a, b} {
+		if _, _, err := decryptAll(ct, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := decryptAll(ct, c); !errors.Is(err, ErrWrongIdentity) {
+		t.Fatalf("non-recipient: got %v, want ErrWrongIdentity", err)
+	}
+}
+
+// Every tampering class must be rejected, each with its own error.
+func TestTamperingIsRejected(t *testing.T) {
+	id := newID(t)
+	_, priv, _ := ed25519.GenerateKey(nil)
+	plain := pattern(3*chunkSize + 100)
+	ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
+		Metadata: &Metadata{Slicer: "PrusaSlicer"}, Signer: priv})
+	h, _ := ParseHeader(bytes.NewReader(ct))
+	hs := int(h.Size())
+	payload := hs + nonceSize
+	chunk := func(i int) int { return payload + i*(chunkSize+chunkOverlay) }
+	flip := func(off int) []byte { c := bytes.Clone(ct); c[off] ^= 0x01; return c }
+	// Replace a base64 character by another valid one, so the header still
+	// parses and only the MAC can catch the change.
+	edit := func(off int) []byte {
+		c := bytes.Clone(ct)
+		if c[off] == 'A' {
+			c[off] = 'B'
+		} else {
+			c[off] = 'A'
+		}
+		return c
+	}
+	replaceHeader := func(old, new string) []byte {
+		return bytes.Replace(bytes.Clone(ct), []byte(old), []byte(new), 1)
+	}
+	metaLine := bytes.Index(ct, []byte("-> "+MetaStanza))
+	swapped := bytes.Clone(ct)
+	copy(swapped[chunk(0):chunk(1)], ct[chunk(1):chunk(2)])
+	copy(swapped[chunk(1):chunk(2)], ct[chunk(0):chunk(1)])
+
+	cases := []struct {
+		name string
+		ct   []byte
+		want error
+	}{
+		{"intro line", replaceHeader(Magic, "age-encryption.org/v2"), ErrNotEncrypted},
+		{"metadata stanza edited", edit(metaLine + len("-> "+MetaStanza+" v1\n") + 16) /* inside the slicer name */, ErrHeaderAuth},
+		{"stanza version", replaceHeader(MetaStanza+" v1", MetaStanza+" v9"), &StanzaError{}},
+		{"mac", replaceHeader("--- ", "--- A"), &HeaderError{}},
+		{"payload nonce", flip(hs + 3), ErrPayloadEnd}, // age checks the final chunk first
+		{"first chunk", flip(chunk(0) + 10), &ChunkError{}},
+		{"second chunk", flip(chunk(1) + 10), &ChunkError{}},
+		{"final chunk", flip(len(ct) - 5), ErrPayloadEnd},
+		{"truncated at chunk boundary", ct[:chunk(2)], ErrPayloadEnd},
+		{"truncated mid chunk", ct[:chunk(1)+100], ErrPayloadEnd},
+		{"truncated in header", ct[:hs-5], &HeaderError{}},
+		{"appended bytes", append(bytes.Clone(ct), 'x'), ErrPayloadEnd},
+		{"chunks swapped", swapped, &ChunkError{}},
+		{"wrong identity", ct, ErrWrongIdentity},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ids := []age.Identity{id}
+			if tc.name == "wrong identity" {
+				ids = []age.Identity{newID(t)}
+			}
+			_, _, err := decryptAll(tc.ct, ids...)
+			if err == nil {
+				t.Fatal("tampered file decrypted")
+			}
+			switch want := tc.want.(type) {
+			case *ChunkError:
+				var ce *ChunkError
+				if !errors.As(err, &ce) {
+					t.Fatalf("got %v, want a ChunkError", err)
+				}
+			case *StanzaError:
+				var se *StanzaError
+				if !errors.As(err, &se) {
+					t.Fatalf("got %v, want a StanzaError", err)
+				}
+			case *HeaderError:
+				var he *HeaderError
+				if !errors.As(err, &he) && !errors.Is(err, ErrHeaderAuth) {
+					t.Fatalf("got %v, want a HeaderError", err)
+				}
+			default:
+				if !errors.Is(err, want) {
+					t.Fatalf("got %v, want %v", err, want)
+				}
+			}
+		})
+	}
+}
+
+func TestChunkErrorNamesTheChunk(t *testing.T) {
+	id := newID(t)
+	ct := encrypt(t, pattern(40*chunkSize), EncryptOptions{Recipients: []age.Recipient{id.Recipient()}})
+	h, _ := ParseHeader(bytes.NewReader(ct))
+	off := int(h.Size()) + nonceSize + 21*(chunkSize+chunkOverlay) + 7
+	ct[off] ^= 0xff
+	_, _, err := decryptAll(ct, id)
+	var ce *ChunkError
+	if !errors.As(err, &ce) || ce.Index != 21 {
+		t.Fatalf("got %v, want chunk 21", err)
+	}
+}
+
+func TestSignatureChecks(t *testing.T) {
+	id := newID(t)
+	_, priv, _ := ed25519.GenerateKey(nil)
+	ct := encrypt(t, pattern(5000), EncryptOptions{Recipients: []age.Recipient{id.Recipient()}})
+	_, p, _ := ParseFile(bytes.NewReader(ct), int64(len(ct)))
+	if err := p.VerifySignature(); !errors.Is(err, ErrUnsigned) {
+		t.Fatalf("unsigned: %v", err)
+	}
+	// A signature over a different plaintext (a publisher's key reused on a
+	// swapped payload) is caught when the digest is checked.
+	signed := encrypt(t, pattern(5000), EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Signer: priv})
+	_, ps, _ := ParseFile(bytes.NewReader(signed), int64(len(signed)))
+	if err := ps.VerifySignature(); err != nil {
+		t.Fatal(err)
+	}
+	ps.Signature.Sig[0] ^= 1
+	if err := ps.VerifySignature(); !errors.Is(err, ErrBadSignature) {
+		t.Fatalf("forged: %v", err)
+	}
+}
+
+func TestNotEncryptedAndArmored(t *testing.T) {
+	for in, want := range map[string]error{
+		"G28\nG1 X0\n": ErrNotEncrypted,
+		"":             ErrNotEncrypted,
+		"-----BEGIN AGE ENCRYPTED FILE-----\nYWdl\n": ErrArmored,
+	} {
+		if _, err := ParseHeader(strings.NewReader(in)); !errors.Is(err, want) {
+			t.Errorf("%q: got %v, want %v", in, err, want)
+		}
+	}
+}
+
+// The community test vectors (the ones age itself tests against) through our
+// parser and our parallel decrypt path.
+func TestCCTVVectors(t *testing.T) {
+	n := 0
+	fs.WalkDir(agetest.Vectors, ".", func(path string, d fs.DirEntry, err error) error {
+		if d.IsDir() {
+			return nil
+		}
+		data, _ := fs.ReadFile(agetest.Vectors, path)
+		hdr, body, _ := bytes.Cut(data, []byte("\n\n"))
+		fields := map[string]string{}
+		for _, line := range strings.Split(string(hdr), "\n") {
+			k, v, _ := strings.Cut(line, ": ")
+			fields[k] = v
+		}
+		if fields["armored"] == "yes" || fields["identity"] == "" {
+			return nil // armor and passphrase vectors: not used by printers
+		}
+		if fields["compressed"] == "zlib" {
+			r, err := zlib.NewReader(bytes.NewReader(body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ = io.ReadAll(r)
+		}
+		ids, err := age.ParseIdentities(strings.NewReader(fields["identity"]))
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		n++
+		t.Run(filepath.Base(path), func(t *testing.T) {
+			got, res, err := decryptAll(body, ids...)
+			if fields["expect"] == "success" {
+				if err != nil {
+					t.Fatalf("expected success: %v", err)
+				}
+				if hex.EncodeToString(res.SHA256[:]) != fields["payload"] || int64(len(got)) != res.Size {
+					t.Fatal("payload digest mismatch")
+				}
+			} else if err == nil {
+				t.Fatalf("expected %q, decrypted", fields["expect"])
+			}
+		})
+		return nil
+	})
+	if n < 50 {
+		t.Fatalf("only %d vectors ran", n)
+	}
+}
+
+// Interoperability with the age command (Debian's package): files from stock
+// `age -r` decrypt with ours, and ours decrypt with `age -d`.
+func TestInteropWithAgeCommand(t *testing.T) {
+	if _, err := exec.LookPath("age"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("the age command is missing (scripts/bootstrap.sh installs it)")
+		}
+		t.Skip("age command not installed")
+	}
+	dir := t.TempDir()
+	id := newID(t)
+	keyFile := filepath.Join(dir, "key.txt")
+	os.WriteFile(keyFile, []byte(id.String()+"\n"), 0o600)
+	plain := pattern(3*chunkSize + 17)
+
+	cmd := exec.Command("age", "-r", id.Recipient().String())
+	cmd.Stdin = bytes.NewReader(plain)
+	stock, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := decryptAll(stock, id)
+	if err != nil || !bytes.Equal(got, plain) {
+		t.Fatalf("stock age file: %v", err)
+	}
+
+	ours := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
+		Metadata: &Metadata{Slicer: "x", Thumbnails: []Thumbnail{{Width: 1, Height: 1, Format: "png", Data: []byte{1}}}}})
+	cmd = exec.Command("age", "-d", "-i", keyFile)
+	cmd.Stdin = bytes.NewReader(ours)
+	out, err := cmd.Output()
+	if err != nil || !bytes.Equal(out, plain) {
+		t.Fatalf("age -d on our file: %v", err)
+	}
+}
+
+func FuzzParseHeader(f *testing.F) {
+	id, _ := age.GenerateX25519Identity()
+	var b bytes.Buffer
+	Encrypt(&b, bytes.NewReader([]byte("G1 X1\n")), EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
+		Metadata: &Metadata{Slicer: "PrusaSlicer", LayerCount: 3}})
+	f.Add(b.Bytes())
+	f.Add([]byte(Magic + "\n-> X25519 abc\n\n--- AAAA\n"))
+	f.Add([]byte("G28\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		h, err := ParseHeader(bufio.NewReader(bytes.NewReader(data)))
+		if err != nil {
+			return
+		}
+		if !bytes.HasPrefix(data, h.Raw) {
+			t.Fatal("Raw is not a prefix of the input")
+		}
+		ParsePublic(h)
+	})
+}

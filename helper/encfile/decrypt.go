@@ -45,6 +45,9 @@ type File struct {
 	Header    *Header
 	Public    *Public
 	PlainSize int64
+	// Progress, if set, is called from DecryptTo's goroutine with the
+	// number of plaintext bytes authenticated so far, in order.
+	Progress func(done int64)
 
 	src   io.ReaderAt
 	size  int64
@@ -181,6 +184,9 @@ func (f *File) DecryptTo(dst io.WriterAt, workers int) (Result, error) {
 		h.Write(s.buf[:s.n])
 		hashed += int64(s.n)
 		free[w] <- s.buf
+		if f.Progress != nil {
+			f.Progress(hashed)
+		}
 	}
 	wg.Wait()
 	if firstErr != nil {

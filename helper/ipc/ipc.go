@@ -1,0 +1,202 @@
+//go:build linux
+
+// Package ipc implements the component-helper protocol of proto/PROTOCOL.md:
+// msgpack messages framed over a SOCK_SEQPACKET Unix socket, with the memfd
+// attached to the decrypt result as SCM_RIGHTS.
+package ipc
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/klipper-encprint/encprint/helper/encfile"
+	"github.com/vmihailenco/msgpack/v5"
+	"golang.org/x/sys/unix"
+)
+
+// Limits of the framing.
+const (
+	MaxRecord  = 65536
+	MaxMessage = 16 << 20
+)
+
+// Hello is the helper's first message.
+type Hello struct {
+	Type     string `msgpack:"type"`
+	Protocol int    `msgpack:"protocol"`
+	Version  string `msgpack:"version"`
+}
+
+// Request is the component's one request.
+type Request struct {
+	Type      string `msgpack:"type"`
+	Protocol  int    `msgpack:"protocol"`
+	Op        string `msgpack:"op"`
+	Path      string `msgpack:"path"`
+	Root      string `msgpack:"root"`
+	Identity  string `msgpack:"identity"`
+	MaxBytes  int64  `msgpack:"max_bytes"`
+	MemfdName string `msgpack:"memfd_name"`
+}
+
+// Progress reports decryption progress.
+type Progress struct {
+	Type  string `msgpack:"type"`
+	Done  int64  `msgpack:"done"`
+	Total int64  `msgpack:"total"`
+}
+
+// InspectResult is the result of an inspect request.
+type InspectResult struct {
+	Type           string            `msgpack:"type"`
+	Op             string            `msgpack:"op"`
+	FileID         []byte            `msgpack:"file_id"`
+	Recipients     int               `msgpack:"recipients"`
+	Metadata       *encfile.Metadata `msgpack:"metadata"`
+	Policy         *encfile.Policy   `msgpack:"policy"`
+	Publisher      *string           `msgpack:"publisher"`
+	SignatureValid bool              `msgpack:"signature_valid"`
+	Authenticated  bool              `msgpack:"authenticated"`
+	Reason         string            `msgpack:"reason"`
+	ReasonCode     string            `msgpack:"reason_code"`
+	PlaintextSize  int64             `msgpack:"plaintext_size"`
+}
+
+// DecryptResult is the result of a decrypt request; the memfd travels with it.
+type DecryptResult struct {
+	Type           string  `msgpack:"type"`
+	Op             string  `msgpack:"op"`
+	FileID         []byte  `msgpack:"file_id"`
+	Size           int64   `msgpack:"size"`
+	SHA256         []byte  `msgpack:"sha256"`
+	Seals          int     `msgpack:"seals"`
+	MemfdName      string  `msgpack:"memfd_name"`
+	ElapsedMS      float64 `msgpack:"elapsed_ms"`
+	Publisher      *string `msgpack:"publisher"`
+	SignatureValid bool    `msgpack:"signature_valid"`
+}
+
+// Error is the helper's answer when an operation fails.
+type Error struct {
+	Type    string `msgpack:"type"`
+	Code    string `msgpack:"code"`
+	Message string `msgpack:"message"`
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+// Marshal encodes a message body the way the golden vectors do (smallest
+// integer encodings, keys in struct order).
+func Marshal(v interface{}) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := msgpack.NewEncoder(&buf)
+	enc.UseCompactInts(true)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// Conn is one end of the protocol's socket.
+type Conn struct{ fd int }
+
+// NewConn wraps a connected SOCK_SEQPACKET socket descriptor.
+func NewConn(fd int) (*Conn, error) {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return nil, fmt.Errorf("descriptor %d is not a socket: %v", fd, err)
+	}
+	if typ != unix.SOCK_SEQPACKET {
+		return nil, fmt.Errorf("descriptor %d is not a SOCK_SEQPACKET socket", fd)
+	}
+	unix.CloseOnExec(fd)
+	return &Conn{fd: fd}, nil
+}
+
+// Close closes the socket.
+func (c *Conn) Close() error { return unix.Close(c.fd) }
+
+// Send encodes v and sends it, with fd (if >= 0) on the first record.
+func (c *Conn) Send(v interface{}, fd int) error {
+	body, err := Marshal(v)
+	if err != nil {
+		return err
+	}
+	msg := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
+	msg = append(msg, body...)
+	for first := true; len(msg) > 0; first = false {
+		n := min(len(msg), MaxRecord)
+		var oob []byte
+		if first && fd >= 0 {
+			oob = unix.UnixRights(fd)
+		}
+		if err := unix.Sendmsg(c.fd, msg[:n], oob, nil, 0); err != nil {
+			return fmt.Errorf("sending message: %w", err)
+		}
+		msg = msg[n:]
+	}
+	return nil
+}
+
+// ErrClosed means the peer closed the socket.
+var ErrClosed = errors.New("peer closed the connection")
+
+// Recv receives one message into v. Any descriptor that arrives is closed:
+// the helper never expects one.
+func (c *Conn) Recv(v interface{}) error {
+	buf := make([]byte, MaxRecord)
+	oob := make([]byte, unix.CmsgSpace(4))
+	var body []byte
+	want := -1
+	for want < 0 || len(body) < want {
+		n, oobn, flags, _, err := unix.Recvmsg(c.fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if err != nil {
+			return fmt.Errorf("receiving message: %w", err)
+		}
+		if oobn > 0 {
+			closeRights(oob[:oobn])
+			return errors.New("unexpected file descriptor from the component")
+		}
+		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+			return errors.New("truncated record")
+		}
+		if n == 0 {
+			return ErrClosed
+		}
+		rec := buf[:n]
+		if want < 0 {
+			if n < 4 {
+				return errors.New("record too short for the length prefix")
+			}
+			want = int(binary.BigEndian.Uint32(rec))
+			if want > MaxMessage {
+				return fmt.Errorf("message of %d bytes exceeds %d", want, MaxMessage)
+			}
+			rec = rec[4:]
+		}
+		body = append(body, rec...)
+		if len(body) > want {
+			return errors.New("record runs past the declared message length")
+		}
+	}
+	dec := msgpack.NewDecoder(bytes.NewReader(body))
+	return dec.Decode(v)
+}
+
+func closeRights(oob []byte) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}
+}

@@ -1,0 +1,65 @@
+//go:build linux
+
+// Package memfd creates the sealed in-memory file that carries cleartext
+// G-code from the helper to Klipper.
+package memfd
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// AllSeals are the seals a finished memfd carries: its size and content can
+// no longer change, and no further seal can be added or removed.
+const AllSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE | unix.F_SEAL_SEAL
+
+// ErrUnavailable means the kernel cannot create a memfd (older than 3.17, or
+// memfd_create is blocked).
+var ErrUnavailable = errors.New("this kernel cannot create an in-memory file (memfd_create is missing or blocked; Linux 3.17 or later is required)")
+
+// Create returns a new memfd of exactly size bytes whose size is already
+// sealed (F_SEAL_GROW|F_SEAL_SHRINK). It asks for MFD_NOEXEC_SEAL and falls
+// back without it on kernels older than 6.3, which reject the flag with EINVAL.
+func Create(name string, size int64) (*os.File, error) {
+	flags := unix.MFD_CLOEXEC | unix.MFD_ALLOW_SEALING
+	fd, err := unix.MemfdCreate(name, flags|unix.MFD_NOEXEC_SEAL)
+	if errors.Is(err, unix.EINVAL) {
+		fd, err = unix.MemfdCreate(name, flags)
+	}
+	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) {
+		return nil, ErrUnavailable
+	}
+	if err != nil {
+		return nil, fmt.Errorf("memfd_create: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "memfd:"+name)
+	if err := unix.Ftruncate(fd, size); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sizing the in-memory file to %d bytes: %w", size, err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_GROW|unix.F_SEAL_SHRINK); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sealing the in-memory file's size: %w", err)
+	}
+	return f, nil
+}
+
+// Seal adds the remaining seals and returns the resulting seal set, which is
+// checked to contain AllSeals.
+func Seal(f *os.File) (int, error) {
+	fd := int(f.Fd())
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_WRITE|unix.F_SEAL_SEAL); err != nil {
+		return 0, fmt.Errorf("sealing the in-memory file: %w", err)
+	}
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil {
+		return 0, fmt.Errorf("reading the seals back: %w", err)
+	}
+	if seals&AllSeals != AllSeals {
+		return seals, fmt.Errorf("seals are %#x, want at least %#x", seals, AllSeals)
+	}
+	return seals, nil
+}

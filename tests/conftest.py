@@ -36,3 +36,61 @@ def make_stack(request, tmp_path: pathlib.Path, printer_cfg: str = "",
 def plain_stack(request, tmp_path) -> Iterator[Stack]:
     """klippy + Moonraker with no plugin configured."""
     yield from make_stack(request, tmp_path)
+
+
+# -- encrypted files and identities, made with the real encprint CLI --
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+from stack import ROOT, install_plugins  # noqa: E402
+
+BIN = ROOT / "bin"
+
+
+@pytest.fixture(scope="session")
+def binaries() -> pathlib.Path:
+    if not (BIN / "encprint").exists() or not (BIN / "encprint-helper").exists():
+        subprocess.run(["make", "-s", "build"], cwd=ROOT, check=True)
+    install_plugins()
+    return BIN
+
+
+class Keys:
+    """A printer identity and helpers to make encrypted files for it."""
+
+    def __init__(self, binaries: pathlib.Path, dir: pathlib.Path) -> None:
+        self.bin = binaries
+        self.dir = dir
+        dir.mkdir(parents=True, exist_ok=True)
+        self.identity = dir / "printer.key"
+        self.recipient = self.encprint("keygen", "-o", str(self.identity)).strip()
+
+    def encprint(self, *args: str, input: bytes = None) -> str:
+        res = subprocess.run([str(self.bin / "encprint"), *args], input=input,
+                             capture_output=True, check=False)
+        if res.returncode != 0:
+            raise AssertionError(f"encprint {args}: {res.stderr.decode()}")
+        return res.stdout.decode()
+
+    def encrypt(self, plain: bytes, *flags: str, recipients=None) -> bytes:
+        args = ["encrypt", "-o", "-"]
+        for r in recipients or [self.recipient]:
+            args += ["-r", r]
+        res = subprocess.run([str(self.bin / "encprint"), *args, *flags, "-"],
+                             input=plain, capture_output=True, check=False)
+        if res.returncode != 0:
+            raise AssertionError(f"encprint encrypt: {res.stderr.decode()}")
+        return res.stdout
+
+    def other(self, name: str = "other") -> Keys:
+        return Keys(self.bin, self.dir / name)
+
+
+@pytest.fixture
+def keys(binaries, tmp_path) -> Keys:
+    return Keys(binaries, tmp_path / "keys")
+
+
+def open_fds() -> set:
+    return set(os.listdir("/proc/self/fd"))

@@ -49,8 +49,9 @@ def sample_gcode(layers: int = 20, moves_per_layer: int = 50,
             f"; layer_height = {layer_height}",
             "M73 P0 R10", "M117 Printing encrypted part",
             f"SET_PRINT_STATS_INFO TOTAL_LAYER={layers}",
-            "EXCLUDE_OBJECT_DEFINE NAME=part_1 CENTER=50,50 POLYGON=[[40,40],[60,40],[60,60],[40,60]]",
-            "G90", "G28" if False else "G1 X0 Y0 Z0 F6000"]
+            "EXCLUDE_OBJECT_DEFINE NAME=part_1 CENTER=50,50 "
+            "POLYGON=[[40,40],[60,40],[60,60],[40,60]]",
+            "G90", "G1 X0 Y0 Z0 F6000"]
     for layer in range(layers):
         z = (layer + 1) * layer_height
         out += [";LAYER_CHANGE", f";Z:{z:.2f}", f";HEIGHT:{layer_height}",

@@ -454,7 +454,7 @@ class Stack:
         self.moonraker = Moonraker(self.data, self.klippy.uds, moonraker_cfg)
         self.ui = UIClient(self.moonraker.url)
 
-    def start(self, env: Optional[Dict[str, str]] = None) -> "Stack":
+    def start(self, env: Optional[Dict[str, str]] = None) -> Stack:
         install_plugins()
         self.klippy.start()
         self.moonraker.start(env)

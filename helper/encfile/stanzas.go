@@ -91,6 +91,9 @@ type Public struct {
 type StanzaError struct {
 	Type   string
 	Reason string
+	// Unsupported is set when the stanza is of a type or version this
+	// reader does not know (a newer encprint made the file).
+	Unsupported bool
 }
 
 func (e *StanzaError) Error() string {
@@ -108,16 +111,16 @@ func ParsePublic(h *Header) (*Public, error) {
 		case MetaStanza, PolicyStanza, SigStanza:
 		default:
 			if len(s.Type) > len(stanzaPrefix) && s.Type[:len(stanzaPrefix)] == stanzaPrefix {
-				return nil, &StanzaError{s.Type, "unknown encprint stanza type; this file needs a newer encprint"}
+				return nil, &StanzaError{s.Type, "unknown encprint stanza type; this file needs a newer encprint", true}
 			}
 			continue
 		}
 		if seen[s.Type] {
-			return nil, &StanzaError{s.Type, "appears more than once"}
+			return nil, &StanzaError{Type: s.Type, Reason: "appears more than once"}
 		}
 		seen[s.Type] = true
 		if len(s.Args) != 1 || s.Args[0] != StanzaVersion {
-			return nil, &StanzaError{s.Type, fmt.Sprintf("unsupported version %q (this reader knows %s); update encprint", s.Args, StanzaVersion)}
+			return nil, &StanzaError{s.Type, fmt.Sprintf("unsupported version %q (this reader knows %s); update encprint", s.Args, StanzaVersion), true}
 		}
 		var err error
 		switch s.Type {
@@ -143,7 +146,7 @@ func ParsePublic(h *Header) (*Public, error) {
 			}
 		}
 		if err != nil {
-			return nil, &StanzaError{s.Type, err.Error()}
+			return nil, &StanzaError{Type: s.Type, Reason: err.Error()}
 		}
 	}
 	if p.Policy != nil {

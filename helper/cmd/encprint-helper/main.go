@@ -158,10 +158,10 @@ func classify(name string, err error) *ipc.Error {
 	switch {
 	case errors.Is(err, encfile.ErrNotEncrypted):
 		return fail("not_encrypted", "%s is not an encrypted G-code file", name)
-	case errors.Is(err, encfile.ErrArmored), errors.As(err, &he):
-		return fail("malformed_header", "%s: %v", name, err)
-	case errors.As(err, &se):
+	case errors.As(err, &se) && se.Unsupported:
 		return fail("unsupported_version", "%s: %v", name, err)
+	case errors.Is(err, encfile.ErrArmored), errors.As(err, &he), errors.As(err, &se):
+		return fail("malformed_header", "%s: %v", name, err)
 	case errors.Is(err, encfile.ErrWrongIdentity):
 		return fail("wrong_identity", "%s was encrypted for other printers, not this one: ask its sender to encrypt it for this printer's recipient", name)
 	case errors.Is(err, encfile.ErrHeaderAuth):

@@ -1,0 +1,309 @@
+"""The Klipper extra encrypted_file_bridge in a real klippy: a process holding a
+sealed memfd (the test, through the real helper) registers it over klippy's
+API socket and virtual_sdcard prints from it."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import pathlib
+import time
+from typing import Any, Dict
+
+import pytest
+from conftest import Keys
+from gcodegen import new_canary, sample_gcode
+from stack import Klippy, install_plugins, tail, wait_for
+
+
+class Printer:
+    def __init__(self, root: pathlib.Path, keys: Keys, extra: str = "") -> None:
+        self.gcodes = root / "gcodes"
+        self.gcodes.mkdir(parents=True)
+        (root / "k").mkdir()
+        self.klippy = Klippy(root / "k", self.gcodes,
+                             "[encrypted_file_bridge]\nregistration_timeout: 5\n" + extra)
+        self.keys = keys
+        self.ep = importlib.import_module("moonraker.components.encrypted_print")
+        self.client = self.ep.HelperClient(str(keys.bin / "encprint-helper"), str(keys.identity))
+        self.held: Dict[str, Any] = {}
+
+    def start(self) -> Printer:
+        install_plugins()
+        self.klippy.start()
+        self.api = self.klippy.api()
+        return self
+
+    def stop(self) -> None:
+        for df in self.held.values():
+            df.close()
+        self.klippy.stop()
+
+    def gcode(self, script: str) -> Dict[str, Any]:
+        return self.api.call("gcode/script", script=script)
+
+    def ok(self, script: str) -> None:
+        r = self.gcode(script)
+        assert "error" not in r, f"{script}: {r['error']['message']}\n{tail(self.klippy.log)}"
+
+    def err(self, script: str) -> str:
+        r = self.gcode(script)
+        assert "error" in r, f"{script} succeeded"
+        return r["error"]["message"]
+
+    def status(self) -> Dict[str, Any]:
+        return self.api.call("objects/query", objects={
+            "print_stats": None, "virtual_sdcard": None, "encrypted_file_bridge": None,
+            "display_status": None})["result"]["status"]
+
+    def wait_state(self, *states: str, timeout: float = 60) -> Dict[str, Any]:
+        return wait_for(lambda: self.status()["print_stats"]["state"] in states and self.status(),
+                        timeout, f"print_stats in {states}: {self.status()['print_stats']}")
+
+    def put(self, name: str, plain: bytes) -> None:
+        (self.gcodes / name).write_bytes(self.keys.encrypt(plain))
+
+    def register(self, name: str) -> Any:
+        df = asyncio.run(self.client.decrypt(str(self.gcodes / name), str(self.gcodes)))
+        self.held[name] = df
+        self.ok(f'REGISTER_ENCRYPTED_FILE FILENAME="{name}" PID={os.getpid()} FD={df.fd} '
+                f'SIZE={df.size} TOKEN={df.memfd_name}')
+        return df
+
+    def release(self, name: str) -> None:
+        """Moonraker closes its copy once Klipper has opened the memfd."""
+        self.held.pop(name).close()
+
+    def klippy_memfds(self) -> list:
+        out = []
+        for fd in os.listdir(f"/proc/{self.klippy.pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{self.klippy.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("/memfd:encprint-"):
+                out.append(link)
+        return out
+
+    def log_text(self) -> str:
+        return self.klippy.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def printer(request, binaries, tmp_path):
+    p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"))
+    request.node._encprint_stack = None
+    try:
+        yield p.start()
+    finally:
+        p.stop()
+
+
+def test_registered_file_prints_to_complete_and_runs_its_gcode(printer):
+    printer.put("part.gcode", sample_gcode(layers=20))
+    printer.register("part.gcode")
+    printer.release("part.gcode")
+    assert printer.status()["encrypted_file_bridge"]["registered"] == ["part.gcode"]
+    printer.ok('SDCARD_PRINT_FILE FILENAME="part.gcode"')
+    st = printer.wait_state("complete")
+    assert st["print_stats"]["filename"] == "part.gcode"
+    assert st["print_stats"]["info"] == {"total_layer": 20, "current_layer": 20}
+    assert st["display_status"]["message"] == "Done"   # M117 at the end of the file
+    assert st["virtual_sdcard"]["file_position"] == len(sample_gcode(layers=20))
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    assert printer.status()["encrypted_file_bridge"] == {
+        "registered": [], "active": None, "active_size": 0}
+    # The registration was used up: a reprint needs a new one.
+    msg = printer.err('SDCARD_PRINT_FILE FILENAME="part.gcode"')
+    assert "encrypted" in msg and "not connected" in msg
+
+
+def long_plain(lines: int, canary: str) -> bytes:
+    return ("".join(f"G1 X{i % 90 + 1} Y{i % 80 + 1} F6000 ; {canary}\n" for i in range(lines))
+            + "M400\n").encode()
+
+
+@pytest.fixture(scope="module")
+def long_file_lines():
+    return 2_000_000
+
+
+def test_pause_resume_continues_and_cancel_releases(printer, long_file_lines):
+    canary = new_canary()
+    plain = long_plain(long_file_lines, canary)
+    printer.put("long.gcode", plain)
+    printer.register("long.gcode")
+    printer.release("long.gcode")
+    printer.ok('SDCARD_PRINT_FILE FILENAME="long.gcode"')
+    printer.wait_state("printing")
+    printer.ok("PAUSE")
+    st = printer.wait_state("paused")
+    pos = st["virtual_sdcard"]["file_position"]
+    assert 0 < pos < len(plain)
+    assert plain[pos - 1:pos] == b"\n", "paused between lines"
+    time.sleep(0.3)
+    assert printer.status()["virtual_sdcard"]["file_position"] == pos
+    printer.ok("RESUME")
+    wait_for(lambda: printer.status()["virtual_sdcard"]["file_position"] > pos, 10,
+             "progress after resume")
+    printer.ok("CANCEL_PRINT")
+    printer.wait_state("cancelled")
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    assert canary not in printer.log_text()
+
+
+def test_m23_m24_print_a_registered_file(printer):
+    printer.put("m23.gcode", sample_gcode(layers=3))
+    printer.register("m23.gcode")
+    printer.ok("M23 /m23.gcode")
+    printer.ok("M24")
+    st = printer.wait_state("complete")
+    assert st["print_stats"]["filename"] == "m23.gcode"
+
+
+def test_rename_existing_macro_around_sdcard_print_file(binaries, tmp_path, request):
+    macro = ("[gcode_macro SDCARD_PRINT_FILE]\nrename_existing: BASE_SDCARD_PRINT_FILE\n"
+             "gcode:\n  M117 via macro\n  BASE_SDCARD_PRINT_FILE {rawparams}\n")
+    p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"), macro)
+    try:
+        p.start()
+        p.put("m.gcode", sample_gcode(layers=3))
+        p.register("m.gcode")
+        p.ok('SDCARD_PRINT_FILE FILENAME="m.gcode"')
+        st = p.wait_state("complete")
+        assert st["print_stats"]["info"]["total_layer"] == 3
+    finally:
+        p.stop()
+
+
+def test_unregistered_encrypted_file_is_never_executed(printer):
+    canary = new_canary()
+    printer.put("secret.gcode", sample_gcode(canary=canary))
+    msg = printer.err('SDCARD_PRINT_FILE FILENAME="secret.gcode"')
+    assert "secret.gcode is encrypted" in msg and "[encrypted_print]" in msg
+    msg = printer.err("M23 secret.gcode")
+    assert "secret.gcode is encrypted" in msg
+    st = printer.status()
+    assert st["print_stats"]["state"] == "standby"
+    assert st["virtual_sdcard"]["file_position"] == 0 and not st["virtual_sdcard"]["is_active"]
+    assert printer.klippy.state() == "ready"
+    assert "age-encryption" not in printer.log_text()
+
+
+def test_plain_files_still_print(printer):
+    (printer.gcodes / "plain.gcode").write_bytes(sample_gcode(layers=2))
+    printer.ok('SDCARD_PRINT_FILE FILENAME="plain.gcode"')
+    assert printer.wait_state("complete")["print_stats"]["filename"] == "plain.gcode"
+
+
+def test_registration_refusals_are_gcode_errors_and_printer_stays_ready(printer, tmp_path):
+    printer.put("part.gcode", sample_gcode(layers=2))
+    (printer.gcodes / "plain.gcode").write_bytes(b"G1 X1\n")
+    df = asyncio.run(printer.client.decrypt(str(printer.gcodes / "part.gcode"),
+                                            str(printer.gcodes)))
+    printer.held["part.gcode"] = df
+    me = os.getpid()
+    good = f"PID={me} FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}"
+    regular = open(tmp_path / "regular.gcode", "wb")
+    unsealed = os.memfd_create("encprint-unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(unsealed, b"G1 X1\n")
+    try:
+        cases = [
+            (f"FILENAME=part.gcode PID=999999 FD=3 SIZE=1 TOKEN={df.memfd_name}",
+             "Unable to open /proc/999999/fd/3"),
+            (f"FILENAME=part.gcode PID={me} FD=9999 SIZE=1 TOKEN={df.memfd_name}",
+             f"Unable to open /proc/{me}/fd/9999"),
+            (f"FILENAME=part.gcode PID={me} FD={regular.fileno()} SIZE=0 TOKEN={df.memfd_name}",
+             "is not the memfd"),
+            (f"FILENAME=part.gcode PID={me} FD={unsealed} SIZE=6 TOKEN=encprint-unsealed",
+             "not sealed"),
+            (f"FILENAME=part.gcode PID={me} FD={df.fd} SIZE={df.size + 1} TOKEN={df.memfd_name}",
+             f"SIZE={df.size + 1}"),
+            (f"FILENAME=part.gcode PID={me} FD={df.fd} SIZE={df.size} TOKEN=encprint-other",
+             "is not the memfd encprint-other"),
+            (f"FILENAME=part.gcode PID=1 FD=0 SIZE=1 TOKEN={df.memfd_name}",
+             "/proc/1/fd/0"),  # another user's process: EACCES, or not our memfd
+            ("FILENAME=../etc/x.gcode " + good, "without '..'"),
+            ("FILENAME=/../x.gcode " + good, "without '..'"),
+            ("FILENAME=part.txt " + good, "is not a G-code file"),
+            ("FILENAME=missing.gcode " + good, "is not an encrypted file"),
+            ("FILENAME=plain.gcode " + good, "is not an encrypted file"),
+            (f"FILENAME=part.gcode PID=0 FD={df.fd} SIZE=1 TOKEN={df.memfd_name}", "PID"),
+            (f"FILENAME=part.gcode PID={me} FD={df.fd} SIZE={df.size} TOKEN=../../x",
+             "TOKEN must be"),
+            (f"PID={me} FD={df.fd}", "FILENAME"),
+        ]
+        for args, want in cases:
+            msg = printer.err("REGISTER_ENCRYPTED_FILE " + args)
+            assert want in msg, f"{args}: {msg!r} lacks {want!r}"
+        assert printer.klippy.state() == "ready"
+        assert printer.status()["encrypted_file_bridge"]["registered"] == []
+        assert printer.klippy_memfds() == []
+    finally:
+        regular.close()
+        os.close(unsealed)
+
+
+def test_registration_from_inside_a_print_is_refused(printer):
+    df_plain = (b"REGISTER_ENCRYPTED_FILE FILENAME=x.gcode PID=1 FD=1 SIZE=1 "
+                b"TOKEN=encprint-x\n")
+    (printer.gcodes / "evil.gcode").write_bytes(b"G1 X1\n" + df_plain)
+    printer.ok('SDCARD_PRINT_FILE FILENAME="evil.gcode"')
+    st = printer.wait_state("error")
+    assert "cannot be run from a file being printed" in st["print_stats"]["message"]
+
+
+def test_gcode_error_in_an_encrypted_file_does_not_reveal_the_line(printer):
+    canary = new_canary()
+    plain = f"G1 X1\nSET_PRINT_STATS_INFO TOTAL_LAYER={canary}\nG1 X2\n".encode()
+    printer.put("bad.gcode", plain)
+    printer.register("bad.gcode")
+    printer.ok('SDCARD_PRINT_FILE FILENAME="bad.gcode"')
+    st = printer.wait_state("error")
+    msg = st["print_stats"]["message"]
+    assert canary not in msg and "Error in encrypted file bad.gcode near byte 6" in msg
+    assert canary not in printer.log_text()
+    # An error ends the print; the bridge lets go of the cleartext.
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+
+
+@pytest.mark.parametrize("fault", ["M112", "FIRMWARE_RESTART"])
+def test_emergency_stop_and_restart_mid_print_leak_no_cleartext(printer, fault,
+                                                                long_file_lines):
+    canary = new_canary()
+    printer.put("long.gcode", long_plain(long_file_lines, canary))
+    printer.register("long.gcode")
+    printer.release("long.gcode")
+    printer.ok('SDCARD_PRINT_FILE FILENAME="long.gcode"')
+    printer.wait_state("printing")
+    wait_for(lambda: printer.status()["virtual_sdcard"]["file_position"] > 50_000, 10,
+             "the print to get going")
+    if fault == "M112":
+        printer.api.call("emergency_stop")
+        wait_for(lambda: printer.klippy.state() == "shutdown", 10, "shutdown")
+        ps = printer.api.call("objects/query", objects={"print_stats": None})
+        assert canary not in str(ps)
+        printer.gcode("FIRMWARE_RESTART")
+    else:
+        printer.gcode("FIRMWARE_RESTART")
+    printer.api.close()
+    printer.klippy.wait_ready()
+    printer.api = printer.klippy.api()
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    log = printer.log_text()
+    if fault == "M112":
+        # virtual_sdcard did try to dump the text around the position...
+        assert "virtual_sdcard shutdown read" in log
+        assert "read refused after shutdown" in log  # ...and was refused.
+    assert canary not in log, "cleartext in klippy.log"
+    assert "G1 X" not in log.split("Starting SD card print", 1)[-1]
+
+
+def test_unused_registration_expires(printer):
+    printer.put("late.gcode", sample_gcode(layers=1))
+    printer.register("late.gcode")
+    printer.release("late.gcode")
+    assert len(printer.klippy_memfds()) == 1
+    wait_for(lambda: printer.status()["encrypted_file_bridge"]["registered"] == [], 10,
+             "the registration to expire")
+    assert printer.klippy_memfds() == []

@@ -13,10 +13,20 @@ import asyncio
 import fcntl
 import logging
 import os
+import pathlib
+import re
 import secrets
 import socket
+import stat
 import struct
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from ..common import RequestType
+
+if TYPE_CHECKING:
+    from ..common import UserInfo, WebRequest
+    from ..confighelper import ConfigHelper
 
 try:
     import msgpack
@@ -212,6 +222,12 @@ class HelperClient:
         proto, ver, _ = await self._run(None, None, self.hello_timeout)
         return proto, ver
 
+    async def recipient(self) -> str:
+        """The printer's public recipient; only the helper reads the identity."""
+        _, _, (res, _) = await self._run(
+            self._request("recipient", "/", "/"), None, self.inspect_timeout)
+        return str(res["recipient"])
+
     async def inspect(self, path: str, root: str) -> Dict[str, Any]:
         _, _, (res, _) = await self._run(
             self._request("inspect", path, root), None, self.inspect_timeout)
@@ -343,3 +359,536 @@ class HelperClient:
             self.last_stderr = err.decode(errors="replace").strip()
             if self.last_stderr:
                 logging.info(f"encrypted_print: helper said: {self.last_stderr}")
+
+
+# --------------------------------------------------------------------------
+# The Moonraker component
+# --------------------------------------------------------------------------
+
+NAMESPACE = "encrypted_print"            # print counts per file id
+JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
+REMOTE_METHOD = "encrypted_print_prepare"
+BRIDGE_OBJECT = "encrypted_file_bridge"
+DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
+PUBKEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
+# Klipper's extended G-code parser stops at these; a name holding one cannot
+# be sent in SDCARD_PRINT_FILE or REGISTER_ENCRYPTED_FILE.
+UNSENDABLE = re.compile(r"[\x00-\x1f\x7f;#*]")
+FINISHED_STATES = ("complete", "cancelled", "error")
+
+
+class PrintRefused(Exception):
+    """A print start was refused; the message is for the user."""
+
+
+class ActiveJob:
+    def __init__(self, filename: str, df: DecryptedFile, record_id: str,
+                 record: Dict[str, Any]) -> None:
+        self.filename = filename
+        self.df = df
+        self.record_id = record_id
+        self.record = record
+        self.seen_running = False
+        self.wake = asyncio.Event()
+
+
+class EncryptedPrint:
+    def __init__(self, config: ConfigHelper) -> None:
+        self.server = config.get_server()
+        self.eventloop = self.server.get_event_loop()
+        repo = pathlib.Path(os.path.realpath(__file__)).parent.parent
+        self.helper_path = os.path.expanduser(
+            config.get("helper", str(repo / "bin" / "encprint-helper")))
+        self.identity_path = os.path.expanduser(config.get("identity", DEFAULT_IDENTITY))
+        self.max_memory = config.getint("max_memory", 0, minval=0) * 1024 * 1024
+        self.swap_protection = config.getchoice(
+            "swap_protection", ["none", "refuse_disk_swap"], "none")
+        self.trusted: List[str] = config.getlist("trusted_publishers", [])
+        for key in self.trusted:
+            if not PUBKEY_RE.match(key):
+                raise config.error(
+                    f"[encrypted_print] trusted_publishers: {key!r} is not a publisher "
+                    "key (encprint-pub:..., as printed by `encprint sign-keygen`)")
+        self.require_signature = config.getboolean("require_signature", False)
+        self.client = HelperClient(
+            self.helper_path, self.identity_path,
+            inspect_timeout=config.getfloat("inspect_timeout", 20., above=0.),
+            decrypt_timeout=config.getfloat("decrypt_timeout", 600., above=0.))
+        self.file_manager = self.server.lookup_component("file_manager")
+        self.mdst = self.file_manager.get_metadata_storage()
+        self.kapis = self.server.lookup_component("klippy_apis")
+        database = self.server.lookup_component("database")
+        self.counts = database.register_local_namespace(NAMESPACE, forbidden=True)
+        self.jobs = database.register_local_namespace(JOBS_NAMESPACE, forbidden=True)
+        self.active: Optional[ActiveJob] = None
+        self.start_lock = asyncio.Lock()
+        self.bridge_loaded = False
+        self.ready = False  # klippy_ready checks done, print_stats subscribed
+        self.recipient = ""
+        self.helper_version = ""
+        self.problems: Dict[str, str] = {}
+        self.decrypting: Optional[Dict[str, Any]] = None
+        # Every start path of Moonraker goes through klippy_apis.start_print
+        # (print button, reprint, upload print=true, job queue, OctoPrint).
+        self._orig_start_print = self.kapis.start_print
+        self.kapis.start_print = self._start_print
+        self.server.register_event_handler(
+            "file_manager:metadata_processed", self._on_metadata_processed)
+        self.server.register_event_handler("server:klippy_ready", self._on_klippy_ready)
+        self.server.register_event_handler(
+            "server:klippy_disconnect", self._on_klippy_gone)
+        self.server.register_event_handler(
+            "server:klippy_shutdown", self._on_klippy_shutdown)
+        self.server.register_remote_method(REMOTE_METHOD, self._on_remote_prepare)
+        self.server.register_notification("encrypted_print:progress",
+                                          "encrypted_print_progress")
+        self.server.register_notification("encrypted_print:error",
+                                          "encrypted_print_error")
+        self.server.register_endpoint(
+            "/server/encrypted_print/status", RequestType.GET, self._handle_status)
+        self.server.register_endpoint(
+            "/server/encrypted_print/recipient", RequestType.GET, self._handle_recipient)
+        self.server.register_endpoint(
+            "/server/encrypted_print/jobs", RequestType.GET, self._handle_jobs)
+
+    # -- start-up checks; each problem is one warning in Moonraker's list --
+
+    def _problem(self, key: str, msg: Optional[str]) -> None:
+        warn_id = f"encrypted_print_{key}"
+        if msg is None:
+            if self.problems.pop(key, None) is not None:
+                self.server.remove_warning(warn_id)
+            return
+        self.problems[key] = msg
+        logging.warning(f"encrypted_print: {msg}")
+        self.server.add_warning(f"[encrypted_print]: {msg}", warn_id)
+
+    async def component_init(self) -> None:
+        if msgpack is None:
+            self._problem("msgpack", "the Python package msgpack is missing in Moonraker's "
+                          "virtualenv; run `~/moonraker-env/bin/pip install msgpack` "
+                          "(install.sh does this)")
+            return
+        self._problem("identity", self._identity_problem())
+        try:
+            _, self.helper_version = await self.client.version()
+            self._problem("helper", None)
+        except HelperError as e:
+            self._problem("helper", e.message)
+        if "identity" not in self.problems and "helper" not in self.problems:
+            try:
+                self.recipient = await self.client.recipient()
+            except HelperError as e:
+                self._problem("identity", e.message)
+        analysis = self.server.lookup_component("analysis", None)
+        if analysis is not None and getattr(analysis, "auto_analyze", False):
+            self._problem("analysis", "[analysis] enable_auto_analysis is on: the "
+                          "estimator cannot read encrypted files and may rewrite them; "
+                          "turn it off")
+        if getattr(self.mdst, "enable_object_proc", False):
+            self._problem("object_processing", "[file_manager] enable_object_processing "
+                          "is on: it cannot process encrypted files; turn it off")
+
+    def _identity_problem(self) -> Optional[str]:
+        path = self.identity_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return (f"no printer identity at {path}: create one with "
+                    f"`encprint keygen -o {path}` (install.sh does this)")
+        except OSError as e:
+            return f"cannot check the printer identity {path}: {e.strerror}"
+        if not stat.S_ISREG(st.st_mode):
+            return f"the printer identity {path} is not a file"
+        if st.st_uid != os.getuid():
+            return (f"the printer identity {path} belongs to uid {st.st_uid}, not to "
+                    f"Moonraker's user (uid {os.getuid()})")
+        if st.st_mode & 0o077:
+            return (f"the printer identity {path} is readable by others (mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`")
+        return None
+
+    async def _on_klippy_ready(self) -> None:
+        objects = await self.kapis.get_object_list(default=[])
+        self.bridge_loaded = BRIDGE_OBJECT in objects
+        self._problem("bridge", None if self.bridge_loaded else (
+            "Klipper has no [encrypted_file_bridge]: add the section to printer.cfg "
+            "(install.sh does this) and restart Klipper; encrypted files cannot print"))
+        kinfo = self.server.get_klippy_info()
+        uid = kinfo.get("user_id")
+        self._problem("uid", None if uid in (None, os.getuid()) else (
+            f"Klipper runs as uid {uid} and Moonraker as uid {os.getuid()}: Klipper "
+            "can only open Moonraker's in-memory file when both run as the same user"))
+        # Our own subscription also gives job_state the updates it otherwise
+        # misses on a headless printer (see docs/development.md).
+        await self.kapis.subscribe_objects(
+            {"print_stats": ["state", "filename"]}, self._on_status, default=None)
+        self.ready = True
+
+    # -- metadata on upload --
+
+    async def _on_metadata_processed(self, fname: str) -> None:
+        path = str(self.file_manager.get_full_path("gcodes", fname))
+        if not is_encrypted_file(path):
+            return
+        root = self.file_manager.get_directory("gcodes")
+        md = self.mdst.get(fname, {})
+        try:
+            res = await self.client.inspect(path, root)
+        except HelperError as e:
+            logging.warning(f"encrypted_print: {fname}: {e.message}")
+            self._store_metadata(fname, md, {"encrypted": True, "authenticated": False,
+                                             "reason": e.message, "reason_code": e.code})
+            return
+        info: Dict[str, Any] = {
+            "encrypted": True,
+            "authenticated": bool(res.get("authenticated")),
+            "file_id": bytes(res.get("file_id") or b"").hex(),
+            "recipients": res.get("recipients", 0),
+            "policy": self._policy_view(res.get("policy")),
+            "publisher": res.get("publisher"),
+            "signature_valid": bool(res.get("signature_valid")),
+            "plaintext_size": res.get("plaintext_size", 0),
+        }
+        if not info["authenticated"]:
+            info["reason"] = res.get("reason", "")
+            info["reason_code"] = res.get("reason_code", "")
+            logging.warning(f"encrypted_print: {fname} is listed but cannot be printed "
+                            f"here: {info['reason']}")
+        else:
+            refusal = self._policy_refusal(fname, res, count=None)
+            if refusal is not None:
+                info["reason"] = refusal
+        pub = res.get("metadata") or {}
+        thumbs = self._write_thumbnails(path, pub.pop("thumbnails", None) or [])
+        self._store_metadata(fname, md, info, pub, thumbs)
+
+    def _store_metadata(self, fname: str, md: Dict[str, Any], info: Dict[str, Any],
+                        public: Optional[Dict[str, Any]] = None,
+                        thumbs: Optional[List[Dict[str, Any]]] = None) -> None:
+        # What Moonraker's parser guessed from ciphertext is meaningless.
+        keep = {k: md[k] for k in ("size", "modified", "uuid", "file_processors",
+                                   "print_start_time", "job_id") if k in md}
+        keep.update({k: v for k, v in (public or {}).items()
+                     if isinstance(v, (int, float, str)) and v not in ("", 0)})
+        keep.setdefault("slicer", "Unknown")
+        if thumbs:
+            keep["thumbnails"] = thumbs
+        keep["encrypted_print"] = info
+        self.mdst.insert(fname, keep)
+
+    def _write_thumbnails(self, path: str, thumbs: List[Dict[str, Any]]
+                          ) -> List[Dict[str, Any]]:
+        """Write the published previews where Moonraker writes a slicer's."""
+        out: List[Dict[str, Any]] = []
+        thumb_dir = os.path.join(os.path.dirname(path), ".thumbs")
+        base = os.path.splitext(os.path.basename(path))[0]
+        for t in thumbs:
+            ext = {"png": "png", "jpg": "jpg"}.get(str(t.get("format")))
+            data = t.get("data")
+            if ext is None or not isinstance(data, bytes):
+                continue  # QOI previews: no UI shows them
+            name = f"{base}-{t['width']}x{t['height']}.{ext}"
+            try:
+                os.makedirs(thumb_dir, exist_ok=True)
+                with open(os.path.join(thumb_dir, name), "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                logging.warning(f"encrypted_print: cannot write thumbnail {name}: {e}")
+                continue
+            out.append({"width": t["width"], "height": t["height"], "size": len(data),
+                        "relative_path": os.path.join(".thumbs", name)})
+        return out
+
+    @staticmethod
+    def _policy_view(policy: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        if not policy:
+            return None
+        return {"max_prints": policy.get("max_prints", 0),
+                "not_before": policy.get("not_before", 0),
+                "not_after": policy.get("not_after", 0)}
+
+    # -- policy --
+
+    def _policy_refusal(self, fname: str, res: Dict[str, Any],
+                        count: Optional[int]) -> Optional[str]:
+        pol = res.get("policy") or {}
+        now = time.time()
+        nb, na = pol.get("not_before", 0), pol.get("not_after", 0)
+        if nb and now < nb:
+            return (f"{fname} may not be printed before "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(nb))}")
+        if na and now > na:
+            return (f"{fname} expired on "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(na))}")
+        publisher = res.get("publisher")
+        if publisher and not res.get("signature_valid"):
+            return f"{fname} carries an invalid publisher signature: it was altered"
+        if self.require_signature and not publisher:
+            return (f"{fname} is not signed, and this printer only prints files signed "
+                    "by a trusted publisher")
+        if publisher and self.trusted and publisher not in self.trusted:
+            return (f"{fname} is signed by {publisher}, which is not among this "
+                    "printer's trusted_publishers")
+        limit = pol.get("max_prints", 0)
+        if limit and count is not None and count >= limit:
+            return (f"{fname} may be printed {limit} time(s) and all {limit} have been "
+                    "used on this printer")
+        return None
+
+    async def _print_count(self, file_id: bytes) -> int:
+        return int(await self.counts.get(file_id.hex(), 0))
+
+    # -- printing --
+
+    async def _start_print(self, filename: str, wait_klippy_started: bool = False,
+                           user: Optional[UserInfo] = None) -> str:
+        name = filename[1:] if filename.startswith("/") else filename
+        path = str(self.file_manager.get_full_path("gcodes", name))
+        if not is_encrypted_file(path):
+            return await self._orig_start_print(filename, wait_klippy_started, user)
+        if wait_klippy_started:
+            await self.server.lookup_component("klippy_connection").wait_started()
+        try:
+            await self._prepare(name, user)
+        except PrintRefused as e:
+            self._report_error(str(e))
+            raise self.server.error(str(e), 400) from None
+        try:
+            ret = await self._orig_start_print(name, False, user)
+        except Exception as e:
+            await self._abort_start(name, f"Klipper refused to start {name}: {e}")
+            raise
+        await self._started(name)
+        return ret
+
+    async def _prepare(self, name: str, user: Optional[UserInfo]) -> None:
+        """Check everything, decrypt, and register the memfd with Klipper."""
+        if self.start_lock.locked():
+            raise PrintRefused(f"cannot start {name}: another encrypted file is being "
+                               "prepared")
+        async with self.start_lock:
+            if self.active is not None:
+                # The previous print may have ended since the last check
+                # (the job queue starts the next one within milliseconds).
+                await self._check_job(self.active)
+            if self.active is not None:
+                raise PrintRefused(f"cannot start {name}: {self.active.filename} is "
+                                   "still printing")
+            if UNSENDABLE.search(name):
+                raise PrintRefused(f"cannot print {name!r}: Klipper cannot take file "
+                                   "names with control characters, ';', '#' or '*'; "
+                                   "rename the file")
+            for key in ("msgpack", "helper", "identity", "uid"):
+                if key in self.problems:
+                    raise PrintRefused(f"cannot print {name}: {self.problems[key]}")
+            objects = await self.kapis.get_object_list(default=[])
+            if BRIDGE_OBJECT not in objects:
+                raise PrintRefused(f"cannot print {name}: Klipper has no "
+                                   "[encrypted_file_bridge] section in printer.cfg")
+            if self.swap_protection == "refuse_disk_swap":
+                swap = disk_swap()
+                if swap:
+                    raise PrintRefused(f"cannot print {name}: swap on {swap} is active and "
+                                       "[encrypted_print] swap_protection forbids "
+                                       "cleartext pages that could be written to disk")
+            path = str(self.file_manager.get_full_path("gcodes", name))
+            root = self.file_manager.get_directory("gcodes")
+            try:
+                res = await self.client.inspect(path, root)
+            except HelperError as e:
+                raise PrintRefused(e.message) from None
+            if not res.get("authenticated"):
+                raise PrintRefused(res.get("reason") or f"{name} cannot be opened here")
+            file_id = bytes(res["file_id"])
+            refusal = self._policy_refusal(name, res, await self._print_count(file_id))
+            if refusal is not None:
+                raise PrintRefused(refusal)
+            self.decrypting = {"filename": name, "done": 0, "total": res["plaintext_size"]}
+            try:
+                df = await self.client.decrypt(path, root, self.max_memory, self._progress)
+            except HelperError as e:
+                raise PrintRefused(e.message) from None
+            finally:
+                self.decrypting = None
+            try:
+                esc = name.replace("\\", "\\\\").replace('"', '\\"')
+                await self.kapis.run_gcode(
+                    f'REGISTER_ENCRYPTED_FILE FILENAME="{esc}" PID={os.getpid()} '
+                    f"FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}")
+            except Exception as e:
+                df.close()
+                raise PrintRefused(f"Klipper refused {name}: {e}") from None
+            record = {"filename": name, "file_id": file_id.hex(), "sha256": df.sha256.hex(),
+                      "size": df.size, "publisher": df.publisher,
+                      "user": getattr(user, "username", None), "start_time": None,
+                      "end_time": None, "result": "starting",
+                      "decrypt_ms": df.elapsed_ms}
+            rid = f"{time.time():017.6f}-{secrets.token_hex(3)}"
+            self.active = ActiveJob(name, df, rid, record)
+            logging.info(f"encrypted_print: {name} decrypted ({df.size} bytes in "
+                         f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.decrypting is not None:
+            self.decrypting.update(done=done, total=total)
+            self.server.send_event("encrypted_print:progress", dict(self.decrypting))
+
+    async def _started(self, name: str) -> None:
+        job = self.active
+        if job is None or job.filename != name:
+            return
+        file_id = job.record["file_id"]
+        count = int(await self.counts.get(file_id, 0)) + 1
+        self.counts[file_id] = count
+        job.record.update(start_time=time.time(), result="printing", print_number=count)
+        self.jobs[job.record_id] = job.record
+        self.eventloop.create_task(self._watch(job))
+
+    async def _check_job(self, job: ActiveJob) -> None:
+        """Finish the job if its print has ended."""
+        res = await self.kapis.query_objects(
+            {"print_stats": ["state", "filename"]}, default=None)
+        ps = (res or {}).get("print_stats")
+        if not ps or self.active is not job or job.record["result"] == "starting":
+            return
+        state = ps.get("state")
+        if ps.get("filename") != job.filename:
+            self._finish("replaced")
+        elif state in FINISHED_STATES:
+            self._finish(state)
+        elif state in ("printing", "paused"):
+            job.seen_running = True
+        elif state == "standby" and job.seen_running:
+            self._finish("reset")
+
+    async def _watch(self, job: ActiveJob) -> None:
+        """Release the memfd when the print ends. A short print can go
+        standby -> printing -> complete between two status pushes, so the
+        subscription only wakes this loop; the state is queried."""
+        while self.active is job:
+            await self._check_job(job)
+            try:
+                await asyncio.wait_for(job.wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            job.wake.clear()
+
+    async def _abort_start(self, name: str, msg: str) -> None:
+        job = self.active
+        if job is not None and job.filename == name:
+            self.active = None
+            job.df.close()
+            esc = name.replace("\\", "\\\\").replace('"', '\\"')
+            await self.kapis.run_gcode(f'UNREGISTER_ENCRYPTED_FILE FILENAME="{esc}"',
+                                       default=None)
+        self._report_error(msg)
+
+    def _report_error(self, msg: str) -> None:
+        logging.warning(f"encrypted_print: {msg}")
+        self.server.send_event("encrypted_print:error", {"message": msg})
+        # Shown in the UI console; the upload print=true path drops our
+        # error, and a console start has no other way to hear about it.
+        quoted = msg.replace('"', "'")
+        self.eventloop.create_task(self.kapis.run_gcode(
+            f'RESPOND TYPE=error MSG="encrypted_print: {quoted}"', default=None))
+
+    def _on_remote_prepare(self, filename: str = "", start: bool = True) -> None:
+        """Klipper's bridge asks: a console/macro/M23 start of an encrypted file."""
+        self.eventloop.create_task(self._remote_prepare(filename, bool(start)))
+
+    async def _remote_prepare(self, filename: str, start: bool) -> None:
+        try:
+            if start:
+                await self._start_print(filename)
+            else:
+                await self._prepare(filename, None)
+                try:
+                    await self.kapis.run_gcode(f"M23 {filename}")
+                except Exception as e:
+                    await self._abort_start(filename, f"Klipper refused to select "
+                                            f"{filename}: {e}")
+                    return
+                await self._started(filename)  # the user's M24 runs it
+        except self.server.error:
+            pass  # already reported
+        except PrintRefused as e:
+            self._report_error(str(e))
+        except Exception as e:
+            logging.exception("encrypted_print: remote prepare")
+            self._report_error(f"cannot prepare {filename}: {e}")
+
+    # -- the print's lifetime: the memfd is held until the print ends --
+
+    def _on_status(self, status: Dict[str, Any], eventtime: float) -> None:
+        if self.active is not None and "print_stats" in status:
+            self.active.wake.set()
+
+    def _finish(self, result: str) -> None:
+        job, self.active = self.active, None
+        if job is None:
+            return
+        job.df.close()
+        job.record.update(end_time=time.time(), result=result)
+        self.jobs[job.record_id] = job.record
+        logging.info(f"encrypted_print: {job.filename} ended ({result}); "
+                     "cleartext released")
+
+    def _on_klippy_gone(self) -> None:
+        self.ready = False
+        self._finish("klippy_disconnect")
+
+    def _on_klippy_shutdown(self) -> None:
+        self._finish("klippy_shutdown")
+
+    def close(self) -> None:
+        self._finish("moonraker_shutdown")
+
+    # -- API --
+
+    async def _handle_status(self, web_request: WebRequest) -> Dict[str, Any]:
+        job = self.active
+        return {
+            "helper": {"path": self.helper_path, "version": self.helper_version,
+                       "protocol": PROTOCOL_VERSION, "ok": "helper" not in self.problems},
+            "identity": {"path": self.identity_path, "ok": "identity" not in self.problems},
+            "recipient": self.recipient,
+            "bridge_loaded": self.bridge_loaded,
+            "ready": self.ready,
+            "problems": dict(self.problems),
+            "decrypting": self.decrypting,
+            "active_job": None if job is None else dict(job.record),
+            "require_signature": self.require_signature,
+            "trusted_publishers": list(self.trusted),
+        }
+
+    async def _handle_recipient(self, web_request: WebRequest) -> Dict[str, Any]:
+        if not self.recipient:
+            try:
+                self.recipient = await self.client.recipient()
+            except HelperError as e:
+                raise self.server.error(e.message, 503) from None
+        return {"recipient": self.recipient}
+
+    async def _handle_jobs(self, web_request: WebRequest) -> Dict[str, Any]:
+        rows = [(str(k), v) for k, v in await self.jobs.items()]
+        rows.sort(key=lambda kv: kv[0], reverse=True)  # newest first
+        return {"jobs": [dict(v, id=k) for k, v in rows]}
+
+
+def disk_swap() -> str:
+    """The first active swap area that is not zram, or ''."""
+    try:
+        with open("/proc/swaps") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return ""
+    for line in lines:
+        dev = line.split()[0] if line.split() else ""
+        if dev and not dev.startswith("/dev/zram"):
+            return dev
+    return ""
+
+
+def load_component(config: ConfigHelper) -> EncryptedPrint:
+    return EncryptedPrint(config)

@@ -64,10 +64,13 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str,
 
 
 def tail(path: pathlib.Path, lines: int = 40) -> str:
+    """The end of a log, without Moonraker's verbose per-request lines."""
     try:
         data = path.read_text(errors="replace").splitlines()
     except OSError as e:
         return f"<{path}: {e}>"
+    data = [ln for ln in data if "_log_debug()" not in ln and "_log_request()" not in ln
+            and "_log_response()" not in ln]
     return "\n".join(data[-lines:])
 
 
@@ -250,7 +253,7 @@ class Moonraker:
             "[machine]\nprovider: none\nvalidate_service: False\n"
             "validate_config: False\n\n"
             "[authorization]\ntrusted_clients:\n  127.0.0.0/8\n\n"
-            "[history]\n\n[job_queue]\nload_on_startup: False\n\n"
+            "[history]\n\n[job_queue]\nload_on_startup: False\nautomatic_transition: True\n\n"
             "[octoprint_compat]\n\n"
             + self.extra_config)
 
@@ -261,8 +264,9 @@ class Moonraker:
         out = open(self.data / "logs" / "moonraker.stdout", "ab")
         penv = dict(os.environ)
         penv.update(env or {})
+        self.inits_seen = self.initializations()
         self.proc = subprocess.Popen(
-            [str(VENV / "bin" / "python"), "-m", "moonraker",
+            [str(VENV / "bin" / "python"), "-m", "moonraker", "-v",
              "-d", str(self.data), "-c", str(self.cfg), "-l", str(self.log)],
             stdout=out, stderr=subprocess.STDOUT, env=penv,
             start_new_session=True)
@@ -273,16 +277,30 @@ class Moonraker:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
+    def initializations(self) -> int:
+        try:
+            return self.log.read_text(errors="replace").count(
+                "Klippy Connection Initialized")
+        except OSError:
+            return 0
+
     def wait_ready(self, timeout: float = 40) -> None:
+        """Until Moonraker has finished initialising its Klippy connection.
+        /server/info says "ready" before the klippy_ready handlers of the
+        components ran; a print that starts and ends (in milliseconds, in
+        debug-output mode) inside that window is missed by job_state. The
+        only signal is a debug line in moonraker.log, hence -v."""
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise StackError(f"moonraker exited with {self.proc.returncode}")
             info = self.get("/server/info", timeout=2)["result"]
-            return info["klippy_state"] == "ready"
+            return (info["klippy_state"] == "ready"
+                    and self.initializations() > self.inits_seen)
         try:
             wait_for(ready, timeout, "moonraker connected to a ready klippy", 0.1)
         except StackError as e:
             raise StackError(f"{e}\n--- moonraker.log ---\n{tail(self.log)}") from None
+        self.inits_seen = self.initializations()
 
     @property
     def pid(self) -> int:
@@ -388,6 +406,9 @@ class UIClient:
         self._thread.start()
         self.rpc("server.connection.identify", client_name="encprint-tests",
                  version="1", type="web", url="https://example.invalid")
+        self.subscribe()
+
+    def subscribe(self) -> None:
         res = self.rpc("printer.objects.subscribe", objects={
             "print_stats": None, "virtual_sdcard": None, "display_status": None})
         with self._lock:
@@ -420,6 +441,10 @@ class UIClient:
                         ev.set()
                         continue
                     self.notifications.append(msg)
+                    if msg.get("method") == "notify_klippy_ready":
+                        # As Mainsail and Fluidd do: Klipper restarted, the
+                        # subscription is gone; subscribe again.
+                        threading.Thread(target=self.subscribe, daemon=True).start()
                     if msg.get("method") == "notify_status_update":
                         for k, v in msg["params"][0].items():
                             self.status.setdefault(k, {}).update(v)

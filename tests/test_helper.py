@@ -382,3 +382,14 @@ def test_memfd_check_rejects_wrong_objects(ep, tmp_path):
             ep.check_memfd(fd, "encprint-y", 3)
     finally:
         os.close(fd)
+
+
+def test_recipient_comes_from_the_helper(client, keys, run):
+    assert run(client.recipient()) == keys.recipient
+
+
+def test_recipient_of_a_missing_identity_is_an_identity_error(ep, binaries, tmp_path, run):
+    client = ep.HelperClient(str(binaries / "encprint-helper"), str(tmp_path / "none.key"))
+    with pytest.raises(ep.HelperError) as ei:
+        run(client.recipient())
+    assert ei.value.code == "identity_error" and "none.key" in ei.value.message

@@ -32,4 +32,5 @@ def test_golden_vector_decodes_and_reencodes_byte_exact(vec, binaries):
 
 def test_vectors_cover_every_message_kind():
     kinds = {v["kind"] for v in VECTORS}
-    assert kinds == {"hello", "request", "progress", "inspect_result", "decrypt_result", "error"}
+    assert kinds == {"hello", "request", "progress", "inspect_result", "decrypt_result",
+                     "recipient_result", "error"}

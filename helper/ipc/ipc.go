@@ -78,6 +78,15 @@ type DecryptResult struct {
 	SignatureValid bool    `msgpack:"signature_valid"`
 }
 
+// RecipientResult answers a recipient request: the printer's public
+// recipient, so that Moonraker can show it without reading the identity.
+type RecipientResult struct {
+	Type      string   `msgpack:"type"`
+	Op        string   `msgpack:"op"`
+	Recipient string   `msgpack:"recipient"`
+	Others    []string `msgpack:"others"`
+}
+
 // Error is the helper's answer when an operation fails.
 type Error struct {
 	Type    string `msgpack:"type"`

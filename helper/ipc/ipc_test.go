@@ -54,13 +54,16 @@ func fixedMessages() []struct {
 			Reason: "part.gcode was encrypted for other printers, not this one", ReasonCode: "wrong_identity"}},
 		{"decrypt result", "decrypt_result", &DecryptResult{Type: "result", Op: "decrypt", FileID: id, Size: 123456,
 			SHA256: bytes.Repeat([]byte{0x5a}, 32), Seals: 47, MemfdName: "encprint-0f1e2d3c", ElapsedMS: 12.5}},
+		{"recipient result", "recipient_result", &RecipientResult{"result", "recipient",
+			"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p", []string{}}},
 		{"error", "error", &Error{"error", "too_large", "part.gcode needs 2.0 GiB of memory to print, more than the 512.0 MiB allowed"}},
 	}
 }
 
 func newOf(kind string) interface{} {
 	return map[string]interface{}{"hello": &Hello{}, "request": &Request{}, "progress": &Progress{},
-		"inspect_result": &InspectResult{}, "decrypt_result": &DecryptResult{}, "error": &Error{}}[kind]
+		"inspect_result": &InspectResult{}, "decrypt_result": &DecryptResult{},
+		"recipient_result": &RecipientResult{}, "error": &Error{}}[kind]
 }
 
 // jsonForm turns a generic msgpack value into the vectors' JSON form.

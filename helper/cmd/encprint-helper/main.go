@@ -84,6 +84,32 @@ func serve(conn *ipc.Conn) error {
 			return conn.Send(e, -1)
 		}
 		return conn.Send(res, -1)
+	case "recipient":
+		ids, e := loadIdentity(req.Identity)
+		if e != nil {
+			return conn.Send(e, -1)
+		}
+		res := &ipc.RecipientResult{Type: "result", Op: "recipient", Others: []string{}}
+		for _, id := range ids {
+			var r string
+			switch id := id.(type) {
+			case *age.X25519Identity:
+				r = id.Recipient().String()
+			case *age.HybridIdentity:
+				r = id.Recipient().String()
+			default:
+				continue
+			}
+			if res.Recipient == "" {
+				res.Recipient = r
+			} else {
+				res.Others = append(res.Others, r)
+			}
+		}
+		if res.Recipient == "" {
+			return conn.Send(fail("identity_error", "the printer identity %s holds no X25519 key", req.Identity), -1)
+		}
+		return conn.Send(res, -1)
 	case "decrypt":
 		f, res, e := decrypt(&req, conn)
 		if e != nil {
@@ -93,7 +119,7 @@ func serve(conn *ipc.Conn) error {
 		res.ElapsedMS = float64(time.Since(start).Microseconds()) / 1000
 		return conn.Send(res, int(f.Fd()))
 	default:
-		return conn.Send(fail("bad_request", "unknown operation %q (this helper knows inspect and decrypt)", req.Op), -1)
+		return conn.Send(fail("bad_request", "unknown operation %q (this helper knows inspect, decrypt and recipient)", req.Op), -1)
 	}
 }
 

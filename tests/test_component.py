@@ -1,0 +1,371 @@
+"""The whole system as a printer owner uses it: real Moonraker with the
+encrypted_print component, real klippy with encrypted_file_bridge, the real
+helper, and a client that talks like Mainsail and Fluidd."""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import time
+
+import pytest
+from conftest import Keys
+from gcodegen import new_canary, sample_gcode
+from stack import HTTPError, Stack, wait_for
+
+
+def all_memfds() -> list:
+    """Every encprint memfd held by any process on the machine."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("/memfd:encprint-"):
+                out.append((int(pid), link))
+    return out
+
+
+def assert_no_canary(root: pathlib.Path, canary: str) -> None:
+    """No file under the stack (data folder, logs, database, .thumbs) nor in
+    the system temp folder holds the canary."""
+    needle = canary.encode()
+    for base in (root, pathlib.Path(tempfile.gettempdir())):
+        for p in base.rglob("*"):
+            try:
+                if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20:
+                    assert needle not in p.read_bytes(), f"cleartext canary found in {p}"
+            except (PermissionError, FileNotFoundError):
+                continue
+
+
+class EncStack(Stack):
+    def __init__(self, root: pathlib.Path, keys: Keys, moonraker_extra: str = "") -> None:
+        self.keys = keys
+        super().__init__(
+            root, printer_cfg="[encrypted_file_bridge]\n",
+            moonraker_cfg=(f"[encrypted_print]\nhelper: {keys.bin / 'encprint-helper'}\n"
+                           f"identity: {keys.identity}\n" + moonraker_extra))
+
+    def start(self, env=None) -> EncStack:
+        super().start(env)
+        # /server/info says "ready" before the klippy_ready handlers ran; the
+        # component reports when its own ready checks are done.
+        wait_for(lambda: self.ui.get("/server/encrypted_print/status")["result"]["ready"],
+                 20, "the component's ready checks")
+        return self
+
+    def upload_encrypted(self, name: str, plain: bytes, *flags: str, print_: bool = False,
+                         **kw) -> dict:
+        return self.ui.upload(name, self.keys.encrypt(plain, *flags), print_=print_, **kw)
+
+    def metadata(self, name: str) -> dict:
+        return self.ui.get("/server/files/metadata", filename=name)["result"]
+
+    def jobs(self) -> list:
+        return self.ui.get("/server/encrypted_print/jobs")["result"]["jobs"]
+
+    def wait_released(self) -> None:
+        wait_for(lambda: all_memfds() == [], 10, f"every memfd released: {all_memfds()}")
+
+    def refused(self, name: str) -> str:
+        with pytest.raises(HTTPError) as ei:
+            self.ui.start_print(name)
+        assert self.klippy.state() == "ready"
+        assert self.ui.query("print_stats")["print_stats"]["state"] != "printing"
+        return ei.value.message
+
+
+@pytest.fixture
+def make_stack(request, binaries, tmp_path):
+    stacks = []
+
+    def make(moonraker_extra: str = "", keys: Keys = None) -> EncStack:
+        keys = keys or Keys(binaries, tmp_path / "keys")
+        st = EncStack(tmp_path / f"stack{len(stacks)}", keys, moonraker_extra)
+        request.node._encprint_stack = st
+        stacks.append(st)
+        return st.start()
+
+    yield make
+    for st in stacks:
+        st.stop()
+
+
+@pytest.fixture
+def stack(make_stack) -> EncStack:
+    return make_stack()
+
+
+def test_mainsail_upload_shows_metadata_prints_and_reprints(stack):
+    canary = new_canary()
+    plain = sample_gcode(layers=15, canary=canary)
+    stack.upload_encrypted("part.enc.gcode", plain)
+    md = stack.metadata("part.enc.gcode")
+    # The UI shows what Moonraker shows for the same G-code uploaded in clear.
+    stack.ui.upload("clear-copy.gcode", sample_gcode(layers=15))  # its own canary
+    clear = stack.metadata("clear-copy.gcode")
+    for key in ("slicer", "slicer_version", "estimated_time", "filament_total",
+                "filament_weight_total", "filament_type", "layer_height",
+                "first_layer_height", "nozzle_diameter", "object_height"):
+        assert md.get(key) == clear.get(key), f"{key}: {md.get(key)!r} != {clear.get(key)!r}"
+    assert md["estimated_time"] == 754 and md["slicer"] == "PrusaSlicer"
+    (stack.gcodes / "clear-copy.gcode").unlink()
+    assert md["encrypted_print"]["authenticated"] is True
+    assert "gcode_start_byte" not in md  # guessed from ciphertext: dropped
+    sizes = sorted((t["width"], t["height"]) for t in md["thumbnails"])
+    assert sizes == [(32, 32), (300, 300)]
+    for t in md["thumbnails"]:
+        png = stack.gcodes / t["relative_path"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size == t["size"]
+    listed = stack.ui.get("/server/files/list")["result"]
+    assert any(f["path"] == "part.enc.gcode" for f in listed)
+
+    stack.ui.start_print("part.enc.gcode")
+    stack.wait_state("complete")
+    ps = stack.ui.query("print_stats")["print_stats"]
+    assert ps["filename"] == "part.enc.gcode" and ps["info"]["total_layer"] == 15
+    stack.wait_released()
+
+    def history():
+        jobs = stack.ui.get("/server/history/list")["result"]["jobs"]
+        return jobs and jobs[0]["status"] == "completed" and jobs[0]
+    job = wait_for(history, 10, "the job in history")
+    assert job["filename"] == "part.enc.gcode" and job["exists"] is True
+    assert job["metadata"]["slicer"] == "PrusaSlicer"
+
+    # Reprint, as the history's reprint button does.
+    stack.ui.start_print("part.enc.gcode")
+    stack.wait_state("printing", "complete")
+    stack.wait_state("complete")
+    stack.wait_released()
+    records = wait_for(lambda: [j for j in stack.jobs() if j["result"] == "complete"] or None,
+                       10, "two audit records")
+    wait_for(lambda: len([j for j in stack.jobs() if j["result"] == "complete"]) == 2, 10,
+             "two completed audit records")
+    rec = stack.jobs()[0]
+    assert rec["filename"] == "part.enc.gcode" and rec["print_number"] == 2
+    assert len(rec["sha256"]) == 64 and rec["size"] == len(plain)
+    assert records
+    assert_no_canary(stack.root, canary)
+
+
+def test_upload_with_print_true_starts_the_print(stack):
+    res = stack.upload_encrypted("now.gcode", sample_gcode(layers=5), print_=True)
+    assert res["print_started"] is True
+    stack.wait_state("complete")
+    stack.wait_released()
+
+
+def test_slicer_upload_through_octoprint_api_prints(stack):
+    data = stack.keys.encrypt(sample_gcode(layers=5))
+    res = stack.ui.upload("slicer.gcode", data, print_=True, endpoint="/api/files/local")
+    assert res["print_started"] is True
+    stack.wait_state("complete")
+    assert stack.ui.query("print_stats")["print_stats"]["filename"] == "slicer.gcode"
+
+
+def test_job_queue_prints_encrypted_files(stack):
+    stack.upload_encrypted("q1.gcode", sample_gcode(layers=3))
+    stack.upload_encrypted("q2.gcode", sample_gcode(layers=4))
+    stack.ui.post("/server/job_queue/job", {"filenames": ["q1.gcode", "q2.gcode"]})
+    stack.ui.post("/server/job_queue/start")
+
+    def both_done():
+        recs = [j for j in stack.jobs() if j["result"] == "complete"]
+        return sorted(j["filename"] for j in recs) == ["q1.gcode", "q2.gcode"]
+    wait_for(both_done, 60, "both queued jobs to complete")
+    stack.wait_released()
+
+
+def test_console_sdcard_print_file_goes_through_moonraker(stack):
+    stack.upload_encrypted("console.gcode", sample_gcode(layers=4))
+    with pytest.raises(HTTPError) as ei:
+        stack.ui.gcode('SDCARD_PRINT_FILE FILENAME="console.gcode"')
+    assert "Moonraker is decrypting it and will start the print" in ei.value.message
+    stack.wait_state("complete")
+    assert stack.ui.query("print_stats")["print_stats"]["filename"] == "console.gcode"
+    stack.wait_released()
+
+
+def test_m23_selects_then_m24_prints(stack):
+    stack.upload_encrypted("sel.gcode", sample_gcode(layers=3))
+    with pytest.raises(HTTPError) as ei:
+        stack.ui.gcode("M23 sel.gcode")
+    assert "select it" in ei.value.message
+    wait_for(lambda: stack.ui.query("virtual_sdcard")["virtual_sdcard"]["file_path"], 10,
+             "the file to be selected")
+    stack.ui.gcode("M24")
+    stack.wait_state("complete")
+    stack.wait_released()
+
+
+def test_pause_resume_cancel(stack):
+    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
+    stack.upload_encrypted("long.gcode", (line * 1_000_000).encode())
+    stack.ui.start_print("long.gcode")
+    stack.wait_state("printing")
+    stack.ui.post("/printer/print/pause")
+    stack.wait_state("paused")
+    pos = stack.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"]
+    time.sleep(0.3)
+    assert stack.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"] == pos
+    stack.ui.post("/printer/print/resume")
+    stack.wait_state("printing")
+    stack.ui.post("/printer/print/cancel")
+    stack.wait_state("cancelled")
+    stack.wait_released()
+    wait_for(lambda: stack.jobs()[0]["result"] == "cancelled", 10, "the audit record")
+
+
+def test_policies_and_bad_files_are_refused_clearly(stack):
+    g = sample_gcode(layers=2)
+    other = stack.keys.other()
+    stack.upload_encrypted("once.gcode", g, "--max-prints", "1")
+    stack.upload_encrypted("later.gcode", g, "--not-before", "2099-01-01")
+    stack.upload_encrypted("old.gcode", g, "--not-after", "2020-01-01")
+    stack.ui.upload("theirs.gcode", other.encrypt(g))
+    data = bytearray(stack.keys.encrypt(g))
+    data[-10] ^= 1
+    stack.ui.upload("tampered.gcode", bytes(data))
+
+    stack.ui.start_print("once.gcode")
+    stack.wait_state("complete")
+    stack.wait_released()
+    assert "may be printed 1 time(s) and all 1 have been used" in stack.refused("once.gcode")
+    assert "may not be printed before 2099-01-01" in stack.refused("later.gcode")
+    assert "expired on 2020-01-01" in stack.refused("old.gcode")
+    assert "encrypted for other printers, not this one" in stack.refused("theirs.gcode")
+    assert "incomplete or has extra bytes" in stack.refused("tampered.gcode")
+    md = stack.metadata("theirs.gcode")
+    assert md["encrypted_print"]["authenticated"] is False
+    assert md["encrypted_print"]["reason_code"] == "wrong_identity"
+    assert "expired" in stack.metadata("old.gcode")["encrypted_print"]["reason"]
+    errors = stack.ui.seen("notify_encrypted_print_error")
+    assert len(errors) >= 5
+    assert all_memfds() == []
+
+
+def test_signature_policy(make_stack, binaries, tmp_path):
+    keys = Keys(binaries, tmp_path / "keys")
+    pub = keys.encprint("sign-keygen", "-o", str(tmp_path / "pub.key")).strip()
+    untrusted = tmp_path / "untrusted.key"
+    keys.encprint("sign-keygen", "-o", str(untrusted))
+    st = make_stack(f"require_signature: True\ntrusted_publishers:\n  {pub}\n", keys)
+    g = sample_gcode(layers=2)
+    st.upload_encrypted("signed.gcode", g, "--sign", str(tmp_path / "pub.key"))
+    st.upload_encrypted("unsigned.gcode", g)
+    st.upload_encrypted("stranger.gcode", g, "--sign", str(untrusted))
+    assert "is not signed" in st.refused("unsigned.gcode")
+    assert "not among this printer's trusted_publishers" in st.refused("stranger.gcode")
+    st.ui.start_print("signed.gcode")
+    st.wait_state("complete")
+    assert st.jobs()[0]["publisher"] == pub
+
+
+def test_status_and_recipient_endpoints(stack):
+    rec = stack.ui.get("/server/encrypted_print/recipient")["result"]
+    assert rec["recipient"] == stack.keys.recipient
+    status = stack.ui.get("/server/encrypted_print/status")["result"]
+    assert status["bridge_loaded"] is True and status["problems"] == {}
+    assert status["helper"]["ok"] and status["identity"]["ok"]
+    # Also reachable over the websocket, as JSON-RPC.
+    assert stack.ui.rpc("server.encrypted_print.recipient")["recipient"] == stack.keys.recipient
+
+
+def test_missing_identity_and_missing_bridge_leave_one_clear_warning_each(binaries, tmp_path,
+                                                                           request):
+    keys = Keys(binaries, tmp_path / "keys")
+    st = Stack(tmp_path / "s", printer_cfg="",
+               moonraker_cfg=(f"[encrypted_print]\nhelper: {binaries / 'encprint-helper'}\n"
+                              f"identity: {tmp_path / 'missing.key'}\n"))
+    request.node._encprint_stack = st
+    try:
+        st.start()
+        warnings = wait_for(lambda: [w for w in st.ui.get("/server/info")["result"]["warnings"]
+                                     if "encrypted_print" in w] if any(
+            "encrypted_file_bridge" in w for w in st.ui.get("/server/info")["result"]["warnings"]
+        ) else None, 10, "the warnings")
+        assert len(warnings) == 2, warnings
+        assert any("no printer identity at" in w and "encprint keygen" in w for w in warnings)
+        assert any("no [encrypted_file_bridge]" in w for w in warnings)
+        st.ui.upload("x.gcode", keys.encrypt(b"G1 X1\n"))
+        with pytest.raises(HTTPError) as ei:
+            st.ui.start_print("x.gcode")
+        assert "no printer identity" in ei.value.message
+        assert st.klippy.state() == "ready"
+    finally:
+        st.stop()
+
+
+def test_moonraker_restart_mid_print(stack):
+    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
+    stack.upload_encrypted("long.gcode", (line * 600_000).encode())
+    stack.ui.start_print("long.gcode")
+    stack.wait_state("printing")
+    pid = stack.moonraker.pid
+    stack.ui.post("/server/restart")
+    # The restart is in-process: same PID; the component's fd is closed.
+    wait_for(lambda: not any(p == pid for p, _ in all_memfds()), 20,
+             "Moonraker to close its copy of the memfd")
+    stack.ui.close()
+    stack.moonraker.wait_ready()
+    stack.ui.connect_ws()
+    assert stack.moonraker.pid == pid
+    stack.wait_state("complete", timeout=120)
+    stack.wait_released()
+
+
+def test_klipper_restart_mid_print_releases_and_next_print_works(stack):
+    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
+    stack.upload_encrypted("long.gcode", (line * 1_000_000).encode())
+    stack.ui.start_print("long.gcode")
+    stack.wait_state("printing")
+    stack.ui.post("/printer/firmware_restart")
+    stack.moonraker.wait_ready()
+    stack.wait_released()
+    stack.upload_encrypted("next.gcode", sample_gcode(layers=3))
+    stack.ui.start_print("next.gcode")
+    stack.wait_state("complete")
+    assert stack.ui.query("print_stats")["print_stats"]["filename"] == "next.gcode"
+
+
+def rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_fifty_prints_in_a_row_leak_nothing(stack):
+    canary = new_canary()
+    stack.upload_encrypted("soak.gcode", sample_gcode(layers=3, canary=canary))
+    pid = stack.moonraker.pid
+
+    def one() -> None:
+        stack.ui.start_print("soak.gcode")
+        wait_for(lambda: stack.active_done(), 30, "the print to end")
+
+    def done() -> bool:
+        st = stack.ui.get("/server/encrypted_print/status")["result"]
+        return st["active_job"] is None and stack.ui.print_state() == "complete"
+    stack.active_done = done
+    for _ in range(5):  # warm up caches and pools
+        one()
+    fds0, rss0 = len(os.listdir(f"/proc/{pid}/fd")), rss_kb(pid)
+    for _ in range(50):
+        one()
+    stack.wait_released()
+    fds1, rss1 = len(os.listdir(f"/proc/{pid}/fd")), rss_kb(pid)
+    assert fds1 <= fds0, f"Moonraker's fds went from {fds0} to {fds1}"
+    assert rss1 < rss0 + 8 * 1024, f"Moonraker's RSS went from {rss0} to {rss1} KiB"
+    assert len([j for j in stack.jobs() if j["result"] == "complete"]) == 55
+    assert_no_canary(stack.root, canary)

@@ -5,7 +5,7 @@ LDFLAGS := -s -w -X github.com/klipper-encprint/encprint/helper/version.Version=
 PY      := .venv/bin/python
 GOFILES := $(shell find helper -name '*.go' 2>/dev/null) go.mod go.sum
 
-.PHONY: all build setup test test-go test-py lint demo dist clean
+.PHONY: all build setup test test-go test-py lint demo bench dist clean
 
 all: build
 
@@ -38,6 +38,10 @@ lint:
 ## demo: a local printer stack prints an encrypted part end to end.
 demo: setup build
 	$(PY) tests/demo.py $(if $(KEEP),--keep,)
+
+## bench: decrypt benchmarks (helper vs age -d vs cat), JSON in bench/results/.
+bench: setup build
+	$(PY) bench/decrypt.py $(if $(SIZES),--sizes $(SIZES),)
 
 clean:
 	rm -rf bin dist

@@ -113,6 +113,70 @@ type Result struct {
 // error dst holds a partial plaintext that the caller must discard. Memory
 // use is about 2*workers*1 MiB whatever the file size.
 func (f *File) DecryptTo(dst io.WriterAt, workers int) (Result, error) {
+	return f.decrypt(&writerSink{dst: dst}, workers)
+}
+
+// DecryptInto is DecryptTo into memory the caller provides, such as a
+// shared mapping of a memfd: workers decrypt straight into dst, so page
+// faults happen in parallel and no plaintext is copied twice. len(dst) must
+// be PlainSize.
+func (f *File) DecryptInto(dst []byte, workers int) (Result, error) {
+	if int64(len(dst)) != f.PlainSize {
+		return Result{}, fmt.Errorf("destination holds %d bytes, plaintext has %d", len(dst), f.PlainSize)
+	}
+	return f.decrypt(sliceSink(dst), workers)
+}
+
+// A sink supplies the buffer a segment is decrypted into, and takes it back
+// once the segment is authenticated (store) and hashed (release).
+type sink interface {
+	buffer(w int, off int64, n int, stop <-chan struct{}) ([]byte, bool)
+	store(b []byte, off int64) error
+	release(w int, b []byte)
+}
+
+type sliceSink []byte
+
+func (s sliceSink) buffer(_ int, off int64, n int, _ <-chan struct{}) ([]byte, bool) {
+	return s[off : off+int64(n)], true
+}
+func (s sliceSink) store([]byte, int64) error { return nil }
+func (s sliceSink) release(int, []byte)       {}
+
+// writerSink recycles two buffers per worker.
+type writerSink struct {
+	dst  io.WriterAt
+	free []chan []byte
+}
+
+func (s *writerSink) init(workers int) {
+	s.free = make([]chan []byte, workers)
+	for i := range s.free {
+		s.free[i] = make(chan []byte, 2)
+		s.free[i] <- make([]byte, segmentSize)
+		s.free[i] <- make([]byte, segmentSize)
+	}
+}
+
+func (s *writerSink) buffer(w int, _ int64, n int, stop <-chan struct{}) ([]byte, bool) {
+	select {
+	case b := <-s.free[w]:
+		return b[:n], true
+	case <-stop:
+		return nil, false
+	}
+}
+
+func (s *writerSink) store(b []byte, off int64) error {
+	if _, err := s.dst.WriteAt(b, off); err != nil {
+		return fmt.Errorf("writing plaintext: %w", err)
+	}
+	return nil
+}
+
+func (s *writerSink) release(w int, b []byte) { s.free[w] <- b[:cap(b)] }
+
+func (f *File) decrypt(out sink, workers int) (Result, error) {
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
@@ -120,16 +184,14 @@ func (f *File) DecryptTo(dst io.WriterAt, workers int) (Result, error) {
 	if int64(workers) > nseg {
 		workers = int(max(nseg, 1))
 	}
+	if ws, ok := out.(*writerSink); ok {
+		ws.init(workers)
+	}
 	// Worker w handles segments w, w+W, w+2W...; the hasher reads the
-	// per-worker queues round-robin, so it hashes in file order, and hands
-	// each buffer back to its worker's free list when done with it.
-	queues := make([]chan segment, workers)
-	free := make([]chan []byte, workers)
+	// per-worker queues round-robin, so it hashes in file order.
+	queues := make([]chan []byte, workers)
 	for i := range queues {
-		queues[i] = make(chan segment, 2)
-		free[i] = make(chan []byte, 2)
-		free[i] <- make([]byte, segmentSize)
-		free[i] <- make([]byte, segmentSize)
+		queues[i] = make(chan []byte, 2)
 	}
 	var (
 		errMu    sync.Mutex
@@ -153,37 +215,39 @@ func (f *File) DecryptTo(dst io.WriterAt, workers int) (Result, error) {
 			defer wg.Done()
 			defer close(queues[w])
 			for i := int64(w); i < nseg; i += int64(workers) {
-				var buf []byte
-				select {
-				case buf = <-free[w]:
-				case <-stop:
-					return
-				}
 				off := i * segmentSize
 				n := int(min(segmentSize, f.PlainSize-off))
-				if _, err := f.plain.ReadAt(buf[:n], off); err != nil && !(err == io.EOF && n > 0) {
+				buf, ok := out.buffer(w, off, n, stop)
+				if !ok {
+					return
+				}
+				if _, err := f.plain.ReadAt(buf, off); err != nil && !(err == io.EOF && n > 0) {
 					fail(i, f.locate(off, n))
 					return
 				}
-				if _, err := dst.WriteAt(buf[:n], off); err != nil {
-					fail(i, fmt.Errorf("writing plaintext: %w", err))
+				if err := out.store(buf, off); err != nil {
+					fail(i, err)
 					return
 				}
-				queues[w] <- segment{buf, n}
+				select {
+				case queues[w] <- buf:
+				case <-stop:
+					return
+				}
 			}
 		}(w)
 	}
 	h := sha256.New()
 	var hashed int64
 	for i := int64(0); i < nseg; i++ {
-		w := i % int64(workers)
-		s, ok := <-queues[w]
+		w := int(i % int64(workers))
+		buf, ok := <-queues[w]
 		if !ok {
 			break
 		}
-		h.Write(s.buf[:s.n])
-		hashed += int64(s.n)
-		free[w] <- s.buf
+		h.Write(buf)
+		hashed += int64(len(buf))
+		out.release(w, buf)
 		if f.Progress != nil {
 			f.Progress(hashed)
 		}
@@ -202,11 +266,6 @@ func (f *File) DecryptTo(dst io.WriterAt, workers int) (Result, error) {
 		return Result{}, ErrDigest
 	}
 	return r, nil
-}
-
-type segment struct {
-	buf []byte
-	n   int
 }
 
 // locate finds the first chunk in a failed segment, for a precise error.

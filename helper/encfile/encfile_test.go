@@ -90,6 +90,11 @@ func TestRoundTripSizes(t *testing.T) {
 			if r.Size != int64(n) || !bytes.Equal(m.buf, plain) || r.SHA256 != sha256.Sum256(plain) {
 				t.Fatalf("size %d workers %d: round trip mismatch", n, workers)
 			}
+			into := make([]byte, f.PlainSize)
+			r2, err := f.DecryptInto(into, workers)
+			if err != nil || r2 != r || !bytes.Equal(into, plain) {
+				t.Fatalf("size %d workers %d: DecryptInto: %v", n, workers, err)
+			}
 		}
 	}
 }

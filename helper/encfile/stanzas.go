@@ -56,12 +56,12 @@ type Thumbnail struct {
 // printer enforces it (see docs/threat-model.md for how far that goes).
 type Policy struct {
 	// FileID identifies the file for print counting; 16 random bytes.
-	FileID []byte `msgpack:"file_id"`
+	FileID []byte `msgpack:"file_id" json:"file_id"`
 	// MaxPrints is the number of prints allowed; 0 means no limit.
-	MaxPrints uint32 `msgpack:"max_prints,omitempty"`
+	MaxPrints uint32 `msgpack:"max_prints,omitempty" json:"max_prints,omitempty"`
 	// NotBefore and NotAfter are Unix seconds; 0 means no bound.
-	NotBefore int64 `msgpack:"not_before,omitempty"`
-	NotAfter  int64 `msgpack:"not_after,omitempty"`
+	NotBefore int64 `msgpack:"not_before,omitempty" json:"not_before,omitempty"`
+	NotAfter  int64 `msgpack:"not_after,omitempty" json:"not_after,omitempty"`
 }
 
 // Signature is a publisher's Ed25519 signature over the file's identity,

@@ -278,7 +278,15 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 			conn.Send(&ipc.Progress{Type: "progress", Done: done, Total: ef.PlainSize}, -1)
 		}
 	}
-	res, err := ef.DecryptTo(mf, 0)
+	mapping, err := memfd.Map(mf, ef.PlainSize)
+	if err != nil {
+		mf.Close()
+		return nil, nil, fail("internal", "%v", err)
+	}
+	res, err := ef.DecryptInto(mapping, 0)
+	if uerr := memfd.Unmap(mapping); uerr != nil && err == nil {
+		err = uerr
+	}
 	if err != nil {
 		mf.Close()
 		return nil, nil, classify(name, err)

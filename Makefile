@@ -21,7 +21,7 @@ bin/encprint-helper: $(GOFILES)
 build: bin/encprint bin/encprint-helper
 
 ## test: every test: Go unit tests, then the Python suite on the real stack.
-test: setup build lint test-go test-py
+test: setup build lint test-go dist test-py
 
 test-go:
 	$(GO) vet ./...
@@ -33,7 +33,8 @@ test-py:
 
 lint:
 	@test -z "$$(gofmt -l helper)" || { gofmt -l helper; echo "gofmt: files above need formatting"; exit 1; }
-	.venv/bin/ruff check moonraker-component klippy-extras tests bench
+	.venv/bin/ruff check moonraker-component klippy-extras tests bench scripts
+	shellcheck install.sh uninstall.sh scripts/bootstrap.sh .ci/run
 
 ## demo: a local printer stack prints an encrypted part end to end.
 demo: setup build
@@ -42,6 +43,25 @@ demo: setup build
 ## bench: decrypt benchmarks (helper vs age -d vs cat), JSON in bench/results/.
 bench: setup build
 	$(PY) bench/decrypt.py $(if $(SIZES),--sizes $(SIZES),)
+
+## dist: release binaries for every supported platform, with SHA256SUMS.
+# The helper is Linux-only (printers); encprint also runs on macOS and Windows.
+DIST_LINUX := amd64:amd64: arm64:arm64: armv7:arm:7 armv6:arm:6
+dist:
+	rm -rf dist && mkdir -p dist
+	set -e; for t in $(DIST_LINUX); do \
+	    name=$${t%%:*}; rest=$${t#*:}; arch=$${rest%%:*}; arm=$${rest#*:}; \
+	    for cmd in encprint encprint-helper; do \
+	        CGO_ENABLED=0 GOOS=linux GOARCH=$$arch GOARM=$$arm $(GO) build -trimpath \
+	            -ldflags '$(LDFLAGS)' -o dist/$$cmd-linux-$$name ./helper/cmd/$$cmd; \
+	    done; \
+	done
+	set -e; for t in darwin:amd64 darwin:arm64 windows:amd64; do \
+	    os=$${t%%:*}; arch=$${t#*:}; ext=; [ $$os = windows ] && ext=.exe; \
+	    CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -ldflags '$(LDFLAGS)' \
+	        -o dist/encprint-$$os-$$arch$$ext ./helper/cmd/encprint; \
+	done
+	cd dist && sha256sum * > SHA256SUMS
 
 clean:
 	rm -rf bin dist

@@ -207,8 +207,11 @@ class HelperClient:
 
     def __init__(self, helper_path: str, identity_path: str,
                  inspect_timeout: float = 20.0, decrypt_timeout: float = 600.0,
-                 hello_timeout: float = 10.0) -> None:
+                 hello_timeout: float = 10.0,
+                 rebuild_hint: str = "rebuild it with `make build` in the "
+                 "klipper-encprint checkout") -> None:
         self.helper_path = helper_path
+        self.rebuild_hint = rebuild_hint
         self.identity_path = identity_path
         self.inspect_timeout = inspect_timeout
         self.decrypt_timeout = decrypt_timeout
@@ -298,8 +301,8 @@ class HelperClient:
                     "protocol_mismatch",
                     f"the helper {self.helper_path} (version {self.helper_version}) speaks "
                     f"protocol {hello['protocol']} but this component speaks "
-                    f"{PROTOCOL_VERSION}: rebuild it with `make -C <encprint checkout> "
-                    "build` or re-run install.sh")
+                    f"{PROTOCOL_VERSION} (updated without rebuilding the helper?): "
+                    f"{self.rebuild_hint}")
             if request is None:
                 return hello["protocol"], self.helper_version, ({}, None)
             await chan.send_message(request)
@@ -413,7 +416,8 @@ class EncryptedPrint:
         self.client = HelperClient(
             self.helper_path, self.identity_path,
             inspect_timeout=config.getfloat("inspect_timeout", 20., above=0.),
-            decrypt_timeout=config.getfloat("decrypt_timeout", 600., above=0.))
+            decrypt_timeout=config.getfloat("decrypt_timeout", 600., above=0.),
+            rebuild_hint=f"run {repo / 'install.sh'}")
         self.file_manager = self.server.lookup_component("file_manager")
         self.mdst = self.file_manager.get_metadata_storage()
         self.kapis = self.server.lookup_component("klippy_apis")

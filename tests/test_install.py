@@ -1,0 +1,264 @@
+"""install.sh and uninstall.sh against a fake home that holds real git
+checkouts of the pinned Klipper and Moonraker code, run as a plain user (the
+scripts refuse root); then klippy and Moonraker started from that layout, as
+that user, print an encrypted upload."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+from conftest import Keys
+from gcodegen import sample_gcode
+from stack import KVENV, ROOT, VENV, Klippy, Moonraker, UIClient, wait_for  # noqa: F401
+
+SAVE_CONFIG = ("#*# <---------------------- SAVE_CONFIG ---------------------->\n"
+               "#*# DO NOT EDIT THIS BLOCK OR BELOW. The contents are auto-generated.\n"
+               "#*#\n#*# [printer]\n#*# max_velocity = 300\n")
+NOBODY = 65534
+AS_USER = [] if os.geteuid() != 0 else [
+    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+
+
+def git_checkout(path: pathlib.Path, origin: str) -> None:
+    env = {**os.environ, **GIT_ENV}
+    for cmd in (["init", "-q", "-b", "master"], ["add", "-A"], ["commit", "-qm", "import"],
+                ["remote", "add", "origin", origin]):
+        subprocess.run(["git", "-C", str(path), *cmd], check=True, env=env)
+
+
+class Home:
+    def __init__(self, base: pathlib.Path) -> None:
+        self.base = base
+        self.home = base / "home"
+        self.klipper = self.home / "klipper"
+        self.moonraker = self.home / "moonraker"
+        self.repo = self.home / "klipper-encprint"
+        self.data = self.home / "printer_data"
+        self.config = self.data / "config"
+        self.env = {
+            "HOME": str(self.home), "PATH": os.environ["PATH"],
+            "GOMODCACHE": str(base / "gomod"), "GOCACHE": str(base / "gocache"),
+            "GOPROXY": "off", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local",
+            **GIT_ENV}
+
+    def run(self, *args: str, user: bool = True, check: bool = False,
+            env: dict = None) -> subprocess.CompletedProcess:
+        res = subprocess.run((AS_USER if user else []) + list(args), capture_output=True,
+                             text=True, env={**self.env, **(env or {})}, cwd=self.home)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{args}: {res.returncode}\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def snapshot(self) -> dict:
+        out = {}
+        for p in sorted(self.home.rglob("*")):
+            rel = str(p.relative_to(self.home))
+            if "/.git/objects" in rel or rel.startswith(("klipper-encprint/bin",
+                                                          "printer_data/logs", ".cache", ".config/go/telemetry")):
+                continue
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return out
+
+
+def site_packages(venv: pathlib.Path, pkg: str) -> pathlib.Path:
+    return sorted(venv.glob(f"lib/python3*/site-packages/{pkg}"))[0]
+
+
+@pytest.fixture(scope="module")
+def home(binaries) -> Home:
+    base = pathlib.Path(tempfile.mkdtemp(prefix="encprint-install-"))
+    base.chmod(0o755)
+    h = Home(base)
+    # Klipper and Moonraker checkouts from the pinned packages' code.
+    shutil.copytree(site_packages(KVENV, "klippy"), h.klipper / "klippy", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "encrypted_file_bridge.py"))
+    shutil.copytree(site_packages(VENV, "moonraker"), h.moonraker / "moonraker",
+                    ignore=shutil.ignore_patterns("__pycache__", "encrypted_print.py"))
+    git_checkout(h.klipper, "https://github.com/Klipper3d/klipper.git")
+    git_checkout(h.moonraker, "https://github.com/Arksine/moonraker.git")
+    # Virtualenvs as on a printer: the system Python, the pinned packages;
+    # msgpack is not there yet (install.sh adds it).
+    for env, req in (("moonraker-env", "moonraker.txt"), ("klippy-env", "klippy.txt")):
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(h.home / env)], check=True)
+        subprocess.run([str(h.home / env / "bin/pip"), "install", "-q", "--pre",
+                        "--disable-pip-version-check", "-r", str(ROOT / "requirements" / req)],
+                       check=True)
+    # This project, as a user's clone of the working tree.
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            dst = h.repo / f
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    git_checkout(h.repo, "https://github.com/klipper-encprint/encprint.git")
+    # Go modules for an offline build as the plain user.
+    shutil.copytree(pathlib.Path(subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True,
+                                                text=True).stdout.strip()), base / "gomod",
+                    symlinks=True)
+    for sub in ("config", "logs", "gcodes", "database"):
+        (h.data / sub).mkdir(parents=True)
+    h.port = __import__("stack").free_port()
+    h.moonraker_conf = (
+        f"[server]\nhost: 127.0.0.1\nport: {h.port}\n"
+        f"klippy_uds_address: {h.home / 'klippy.sock'}\n\n"
+        "[machine]\nprovider: none\nvalidate_service: False\nvalidate_config: False\n\n"
+        "[authorization]\ntrusted_clients:\n  127.0.0.0/8\n\n[history]\n")
+    h.printer_cfg = (
+        "[mcu]\nserial: /dev/null\n\n[printer]\nkinematics: none\nmax_velocity: 300\n"
+        f"max_accel: 3000\n\n[virtual_sdcard]\npath: {h.data / 'gcodes'}\n\n"
+        "[pause_resume]\n\n[display_status]\n\n[respond]\n\n" + SAVE_CONFIG)
+    (h.config / "moonraker.conf").write_text(h.moonraker_conf)
+    (h.config / "printer.cfg").write_text(h.printer_cfg)
+    if AS_USER:
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(base)], check=True)
+    yield h
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def start_installed(h: Home) -> tuple:
+    """klippy and Moonraker from the fake home's checkouts, as its user."""
+    kdir = h.home / "klippy-run"
+    kdir.mkdir(exist_ok=True)
+    if AS_USER:
+        os.chown(kdir, NOBODY, NOBODY)
+    k = Klippy(kdir, h.data / "gcodes")
+    k.cfg, k.uds, k.keep_config = h.config / "printer.cfg", h.home / "klippy.sock", True
+    k.prefix = AS_USER
+    k.base_cmd = [str(h.home / "klippy-env/bin/python"), "-m", "klippy.klippy"]
+    k.env = {"PYTHONPATH": str(h.klipper), "HOME": str(h.home)}
+    k.start()
+    m = Moonraker(h.data, k.uds)
+    m.port, m.keep_config, m.prefix = h.port, True, AS_USER
+    m.python = str(h.home / "moonraker-env/bin/python")
+    m.start(env={"PYTHONPATH": str(h.moonraker), "HOME": str(h.home)})
+    ui = UIClient(m.url)
+    ui.connect_ws()
+    wait_for(lambda: ui.get("/server/encrypted_print/status")["result"]["ready"], 20,
+             "the component")
+    return k, m, ui
+
+
+def test_refuses_root_and_reports_missing_pieces(home):
+    if os.geteuid() == 0:
+        res = home.run("bash", str(home.repo / "install.sh"), user=False)
+        assert res.returncode != 0 and "do not run install.sh as root" in res.stderr
+    res = home.run("bash", str(home.repo / "install.sh"), "--moonraker", "/nonexistent",
+                   "--no-restart")
+    assert res.returncode != 0
+    assert "no Moonraker checkout at /nonexistent" in res.stderr and "--moonraker" in res.stderr
+    res = home.run("bash", str(home.repo / "install.sh"), "--instance", "7", "--no-restart")
+    assert "printer_7_data/config/moonraker.conf" in res.stderr
+
+
+def test_install_print_reinstall_and_uninstall(home, tmp_path, binaries):
+    before = home.snapshot()
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    recipient = res.stdout.strip().splitlines()[-1].strip()
+    assert recipient.startswith("age1"), res.stdout
+    extra = home.klipper / "klippy/extras/encrypted_file_bridge.py"
+    comp = home.moonraker / "moonraker/components/encrypted_print.py"
+    assert os.readlink(extra) == str(home.repo / "klippy-extras/encrypted_file_bridge.py")
+    assert os.readlink(comp) == str(home.repo / "moonraker-component/encrypted_print.py")
+    # The update manager sees pristine checkouts: the links are excluded.
+    for repo in (home.klipper, home.moonraker):
+        status = home.run("git", "-C", str(repo), "status", "--porcelain", check=True).stdout
+        assert status == "", f"{repo}: {status}"
+    identity = home.home / ".config/encprint/printer.key"
+    assert identity.stat().st_mode & 0o777 == 0o600
+    printer_cfg = (home.config / "printer.cfg").read_text()
+    assert printer_cfg.endswith(SAVE_CONFIG), "SAVE_CONFIG must stay last"
+    assert printer_cfg.index("[encrypted_file_bridge]") < printer_cfg.index("#*# <----")
+    conf = (home.config / "moonraker.conf").read_text()
+    assert "[update_manager encrypted_print]" in conf
+    assert "managed_services: klipper moonraker" in conf
+    assert (home.repo / "bin/encprint-helper").exists()
+
+    # The installed stack prints an encrypted upload.
+    k, m, ui = start_installed(home)
+    try:
+        keys = Keys.__new__(Keys)
+        keys.bin, keys.recipient = binaries, recipient
+        ui.upload("part.gcode", keys.encrypt(sample_gcode(layers=5)))
+        ui.start_print("part.gcode")
+        wait_for(lambda: ui.print_state() == "complete", 60, "the print")
+        assert ui.get("/server/encrypted_print/recipient")["result"]["recipient"] == recipient
+    finally:
+        ui.close()
+        m.stop()
+        k.stop()
+
+    # A second run changes nothing.
+    installed = home.snapshot()
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    assert "already links" in res.stdout and "already has our sections" in res.stdout
+    after = home.snapshot()
+    changed = {k for k in set(installed) | set(after) if installed.get(k) != after.get(k)
+               and not k.startswith(("printer_data/database", "printer_data/gcodes",
+                                     "klippy-run", "printer_data/logs"))}
+    assert changed == set(), changed
+
+    # Uninstall restores the config files byte for byte, keeps the identity.
+    home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart", check=True)
+    assert (home.config / "moonraker.conf").read_text() == home.moonraker_conf
+    assert (home.config / "printer.cfg").read_text() == home.printer_cfg
+    assert not extra.exists() and not comp.exists()
+    assert identity.exists()
+    final = home.snapshot()
+    for key in ("klipper/.git/info/exclude", "moonraker/.git/info/exclude"):
+        assert final.get(key) == before.get(key), key
+
+
+def test_update_to_a_new_protocol_refuses_with_the_command_then_reinstall_fixes(home, binaries):
+    home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    # The update manager pulls a commit whose component and helper speak
+    # protocol 2; it does not rebuild the helper.
+    comp = home.repo / "moonraker-component/encrypted_print.py"
+    ver = home.repo / "helper/version/version.go"
+    for path, old, new in ((comp, "PROTOCOL_VERSION = 1", "PROTOCOL_VERSION = 2"),
+                           (ver, "const Protocol = 1", "const Protocol = 2")):
+        path.write_text(path.read_text().replace(old, new))
+    home.run("git", "-C", str(home.repo), "commit", "-qam", "protocol 2", check=True)
+    k, m, ui = start_installed(home)
+    try:
+        status = ui.get("/server/encrypted_print/status")["result"]
+        msg = status["problems"]["helper"]
+        assert "speaks protocol 1 but this component speaks 2" in msg
+        assert f"{home.repo}/install.sh" in msg
+        keys = Keys.__new__(Keys)
+        keys.bin = binaries
+        keys.recipient = subprocess.run(
+            [str(binaries / "encprint"), "recipient",
+             str(home.home / ".config/encprint/printer.key")],
+            capture_output=True, text=True, check=True).stdout.strip()
+        ui.upload("p2.gcode", keys.encrypt(sample_gcode(layers=2)))
+        with pytest.raises(Exception) as ei:
+            ui.start_print("p2.gcode")
+        assert "install.sh" in str(ei.value)
+    finally:
+        ui.close()
+        m.stop()
+        k.stop()
+    # Running the one command fixes it.
+    home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    k, m, ui = start_installed(home)
+    try:
+        assert "helper" not in ui.get("/server/encrypted_print/status")["result"]["problems"]
+        ui.start_print("p2.gcode")
+        wait_for(lambda: ui.print_state() == "complete", 60, "the print after the rebuild")
+    finally:
+        ui.close()
+        m.stop()
+        k.stop()
+        home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")

@@ -294,7 +294,10 @@ def test_emergency_stop_and_restart_mid_print_leak_no_cleartext(printer, fault,
     if fault == "M112":
         # virtual_sdcard did try to dump the text around the position...
         assert "virtual_sdcard shutdown read" in log
-        assert "read refused after shutdown" in log  # ...and was refused.
+        # ...and got no text: refused by the guard, or (Klipper master, whose
+        # dump runs deferred) the bridge had already closed the file.
+        assert ("read refused after shutdown" in log
+                or "I/O operation on closed file" in log)
     assert canary not in log, "cleartext in klippy.log"
     assert "G1 X" not in log.split("Starting SD card print", 1)[-1]
 

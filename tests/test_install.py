@@ -33,6 +33,10 @@ def git_checkout(path: pathlib.Path, origin: str) -> None:
         subprocess.run(["git", "-C", str(path), *cmd], check=True, env=env)
 
 
+# Paths that change for reasons of their own (caches, Go's telemetry counter).
+NOT_OURS = ("klipper-encprint/bin", "printer_data/logs", ".cache", ".config/go/telemetry")
+
+
 class Home:
     def __init__(self, base: pathlib.Path) -> None:
         self.base = base
@@ -60,8 +64,7 @@ class Home:
         out = {}
         for p in sorted(self.home.rglob("*")):
             rel = str(p.relative_to(self.home))
-            if "/.git/objects" in rel or rel.startswith(("klipper-encprint/bin",
-                                                          "printer_data/logs", ".cache", ".config/go/telemetry")):
+            if "/.git/objects" in rel or rel.startswith(NOT_OURS):
                 continue
             if p.is_symlink():
                 out[rel] = "-> " + os.readlink(p)

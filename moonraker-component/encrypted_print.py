@@ -734,9 +734,18 @@ class EncryptedPrint:
                          f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
 
     def _progress(self, done: int, total: int) -> None:
-        if self.decrypting is not None:
-            self.decrypting.update(done=done, total=total)
-            self.server.send_event("encrypted_print:progress", dict(self.decrypting))
+        """Decrypt progress: a websocket notification each time, and the
+        printer's display message at every 10%."""
+        info = self.decrypting
+        if info is None:
+            return
+        info.update(done=done, total=total)
+        self.server.send_event("encrypted_print:progress", dict(info))
+        pct = int(done * 100 / total) if total else 100
+        if pct // 10 > info.get("shown", -1):
+            info["shown"] = pct // 10
+            self.eventloop.create_task(self.kapis.run_gcode(
+                f"M117 Decrypting {pct}%", default=None))
 
     async def _started(self, name: str) -> None:
         job = self.active

@@ -369,3 +369,46 @@ def test_fifty_prints_in_a_row_leak_nothing(stack):
     assert rss1 < rss0 + 8 * 1024, f"Moonraker's RSS went from {rss0} to {rss1} KiB"
     assert len([j for j in stack.jobs() if j["result"] == "complete"]) == 55
     assert_no_canary(stack.root, canary)
+
+
+def test_large_file_shows_progress_and_does_not_block_moonraker(stack):
+    """About 400 MiB of G-code: decryption takes a while; the UI sees
+    progress notifications and the display message, and Moonraker keeps
+    answering meanwhile."""
+    import threading
+    line = b"G1 X12.345 Y67.890 F3000 ; padding to make a long file\n"
+    plain = line * (400 * 1024 * 1024 // len(line))
+    (stack.gcodes / "huge.gcode").write_bytes(stack.keys.encrypt(plain))
+    del plain
+    wait_for(lambda: stack.metadata("huge.gcode").get("encrypted_print"), 30, "the metadata")
+    answered = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            t = time.monotonic()
+            stack.ui.get("/server/info")
+            answered.append((t, time.monotonic() - t))
+            time.sleep(0.02)
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    stack.ui.start_print("huge.gcode")
+    t1 = time.monotonic()
+    done.set()
+    th.join()
+    during = [lat for t, lat in answered if t0 < t < t1]
+    assert len(during) >= 3, f"Moonraker answered {len(during)} times in {t1 - t0:.2f} s"
+    assert max(during) < 0.5, f"slowest answer during the decrypt: {max(during):.2f} s"
+    progress = stack.ui.seen("notify_encrypted_print_progress")
+    assert progress, "no progress notification"
+    last = progress[-1]["params"][0]
+    assert last["filename"] == "huge.gcode"
+    assert last["total"] == 400 * 1024 * 1024 // len(line) * len(line)
+    messages = [n["params"][0]["display_status"].get("message")
+                for n in stack.ui.seen("notify_status_update")
+                if "display_status" in n["params"][0]]
+    assert any(m and m.startswith("Decrypting") for m in messages), messages
+    stack.ui.post("/printer/print/cancel")
+    stack.wait_state("cancelled")
+    stack.wait_released()

@@ -273,7 +273,7 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 	}
 	lastSent := time.Now()
 	ef.Progress = func(done int64) {
-		if time.Since(lastSent) > 200*time.Millisecond {
+		if time.Since(lastSent) > 100*time.Millisecond {
 			lastSent = time.Now()
 			conn.Send(&ipc.Progress{Type: "progress", Done: done, Total: ef.PlainSize}, -1)
 		}

@@ -27,6 +27,7 @@ test-go:
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 10s ./helper/encfile
+	$(GO) test -run '^$$' -fuzz FuzzMessage -fuzztime 10s ./helper/ipc
 
 test-py:
 	$(PY) -m pytest tests

@@ -9,6 +9,7 @@
 import fcntl, io, logging, os, re, stat
 
 MAGIC = b"age-encryption.org/v1\n"
+ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
 ALL_SEALS = 0x1 | 0x2 | 0x4 | 0x8    # F_SEAL_SEAL|SHRINK|GROW|WRITE
 F_GET_SEALS = 1034
 VALID_EXTS = ('.gcode', '.g', '.gco')
@@ -179,11 +180,13 @@ class EncryptedFileBridge:
                 return None
         return os.path.join(self.sdcard_dirname, filename)
     def _is_encrypted(self, path):
+        # Armored age is encrypted too: never stream it as G-code.
         try:
             with open(path, 'rb') as f:
-                return f.read(len(MAGIC)) == MAGIC
+                head = f.read(len(ARMOR))
         except (OSError, IOError):
             return False
+        return head.startswith(MAGIC) or head == ARMOR
     def _find(self, filename):
         reg = self.registrations.get(filename)
         if reg is None:

@@ -35,6 +35,7 @@ except ImportError:  # reported by the component as a warning, not a crash
 
 PROTOCOL_VERSION = 1
 MAGIC = b"age-encryption.org/v1\n"
+ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
 MAX_RECORD = 65536
 MAX_MESSAGE = 16 << 20
 ALL_SEALS = 0x1 | 0x2 | 0x4 | 0x8  # F_SEAL_SEAL|SHRINK|GROW|WRITE
@@ -42,12 +43,14 @@ F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 
 
 def is_encrypted_file(path: str) -> bool:
-    """True if the file starts with the age v1 intro line."""
+    """True if the file starts with the age v1 intro line, or is ASCII-armored
+    age (which must be refused with a reason, not printed as G-code)."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+            head = f.read(len(ARMOR))
     except OSError:
         return False
+    return head.startswith(MAGIC) or head == ARMOR
 
 
 class HelperError(Exception):

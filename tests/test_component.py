@@ -3,6 +3,7 @@ encrypted_print component, real klippy with encrypted_file_bridge, the real
 helper, and a client that talks like Mainsail and Fluidd."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import tempfile
@@ -14,11 +15,22 @@ from gcodegen import new_canary, sample_gcode
 from stack import HTTPError, Stack, wait_for
 
 
-def all_memfds() -> list:
-    """Every encprint memfd held by any process on the machine."""
+def parent_of(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def all_memfds(roots: tuple = ()) -> list:
+    """Every encprint memfd held by the given processes and their children
+    (all processes on the machine if none are given)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
+            continue
+        if roots and int(pid) not in roots and parent_of(pid) not in roots:
             continue
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -73,8 +85,12 @@ class EncStack(Stack):
     def jobs(self) -> list:
         return self.ui.get("/server/encrypted_print/jobs")["result"]["jobs"]
 
+    def memfds(self) -> list:
+        return all_memfds((self.klippy.pid, self.moonraker.pid))
+
     def wait_released(self) -> None:
-        wait_for(lambda: all_memfds() == [], 10, f"every memfd released: {all_memfds()}")
+        wait_for(lambda: self.memfds() == [], 10, "klippy and Moonraker (and the helper) "
+                 f"to release every memfd: {self.memfds()}")
 
     def refused(self, name: str) -> str:
         with pytest.raises(HTTPError) as ei:
@@ -251,7 +267,7 @@ def test_policies_and_bad_files_are_refused_clearly(stack):
     assert "expired" in stack.metadata("old.gcode")["encrypted_print"]["reason"]
     errors = stack.ui.seen("notify_encrypted_print_error")
     assert len(errors) >= 5
-    assert all_memfds() == []
+    assert stack.memfds() == []
 
 
 def test_signature_policy(make_stack, binaries, tmp_path):
@@ -412,3 +428,24 @@ def test_large_file_shows_progress_and_does_not_block_moonraker(stack):
     stack.ui.post("/printer/print/cancel")
     stack.wait_state("cancelled")
     stack.wait_released()
+
+
+def test_upload_over_the_file_being_printed_is_refused(stack):
+    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
+    data = stack.keys.encrypt((line * 800_000).encode())
+    stack.ui.upload("busy.gcode", data)
+    before = sha256(stack.gcodes / "busy.gcode")
+    stack.ui.start_print("busy.gcode")
+    stack.wait_state("printing")
+    with pytest.raises(HTTPError) as ei:
+        stack.ui.upload("busy.gcode", stack.keys.encrypt(sample_gcode(layers=2)))
+    assert ei.value.status == 403
+    assert sha256(stack.gcodes / "busy.gcode") == before
+    stack.ui.post("/printer/print/cancel")
+    stack.wait_state("cancelled")
+    stack.wait_released()
+    assert stack.memfds() == []
+
+
+def sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -26,6 +26,13 @@ def ep(binaries):
 def run(request):
     if request.param == "uvloop":
         import uvloop
+
+        async def spawn_once() -> None:
+            proc = await asyncio.create_subprocess_exec("true")
+            await proc.wait()
+        # uvloop keeps a process-wide pipe pair from its first child process
+        # on; create it before tests count descriptors.
+        uvloop.run(spawn_once())
         return uvloop.run
     return asyncio.run
 
@@ -394,3 +401,35 @@ def test_recipient_of_a_missing_identity_is_an_identity_error(ep, binaries, tmp_
     with pytest.raises(ep.HelperError) as ei:
         run(client.recipient())
     assert ei.value.code == "identity_error" and "none.key" in ei.value.message
+
+
+def test_helper_that_exits_without_a_word(ep, keys, gcodes, run):
+    """A real program that is not the helper: it exits at once."""
+    client = ep.HelperClient("/bin/true", str(keys.identity))
+    before = open_fds()
+    with pytest.raises(ep.HelperError) as ei:
+        run(client.inspect(str(gcodes / "x.gcode"), str(gcodes)))
+    assert "closed the connection without answering" in ei.value.message
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("records,words", [
+    # TEST DOUBLE: no real helper sends these; a shell script stands in for a
+    # corrupted or foreign peer, writing records straight to the socket.
+    (["\\x00\\x00\\x00\\x05hello"], "garbage"),
+    (["\\x00\\x00\\x00\\x03"], "closed the connection in the middle of a message"),
+    (["\\xff\\xff\\xff\\xff"], "over the protocol's limit"),
+    (["\\x00"], "too short"),
+    (["\\x00\\x00\\x00\\x01\\xc0"], "without a type"),  # msgpack nil
+])
+def test_helper_answering_garbage(ep, keys, gcodes, tmp_path, run, records, words):
+    script = tmp_path / "garbage-peer"
+    body = "".join(f"printf '{r}' >&\"$2\"\n" for r in records)
+    script.write_text(f"#!/bin/bash\n{body}")
+    script.chmod(0o755)
+    client = ep.HelperClient(str(script), str(keys.identity))
+    before = open_fds()
+    with pytest.raises(ep.HelperError) as ei:
+        run(client.inspect(str(gcodes / "x.gcode"), str(gcodes)))
+    assert words in ei.value.message, ei.value.message
+    assert open_fds() == before

@@ -157,9 +157,8 @@ var ErrClosed = errors.New("peer closed the connection")
 func (c *Conn) Recv(v interface{}) error {
 	buf := make([]byte, MaxRecord)
 	oob := make([]byte, unix.CmsgSpace(4))
-	var body []byte
-	want := -1
-	for want < 0 || len(body) < want {
+	var a assembler
+	for {
 		n, oobn, flags, _, err := unix.Recvmsg(c.fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
 		if err != nil {
 			return fmt.Errorf("receiving message: %w", err)
@@ -174,24 +173,47 @@ func (c *Conn) Recv(v interface{}) error {
 		if n == 0 {
 			return ErrClosed
 		}
-		rec := buf[:n]
-		if want < 0 {
-			if n < 4 {
-				return errors.New("record too short for the length prefix")
-			}
-			want = int(binary.BigEndian.Uint32(rec))
-			if want > MaxMessage {
-				return fmt.Errorf("message of %d bytes exceeds %d", want, MaxMessage)
-			}
-			rec = rec[4:]
+		body, err := a.add(buf[:n])
+		if err != nil {
+			return err
 		}
-		body = append(body, rec...)
-		if len(body) > want {
-			return errors.New("record runs past the declared message length")
+		if body != nil {
+			return msgpack.NewDecoder(bytes.NewReader(body)).Decode(v)
 		}
 	}
-	dec := msgpack.NewDecoder(bytes.NewReader(body))
-	return dec.Decode(v)
+}
+
+// assembler rebuilds a message from its records.
+type assembler struct {
+	want int // -1 until the length prefix arrived
+	body []byte
+	seen bool
+}
+
+// add takes the next record and returns the whole body once it is complete.
+func (a *assembler) add(rec []byte) ([]byte, error) {
+	if !a.seen {
+		a.seen = true
+		if len(rec) < 4 {
+			return nil, errors.New("record too short for the length prefix")
+		}
+		a.want = int(binary.BigEndian.Uint32(rec))
+		if a.want > MaxMessage {
+			return nil, fmt.Errorf("message of %d bytes exceeds %d", a.want, MaxMessage)
+		}
+		rec = rec[4:]
+	}
+	a.body = append(a.body, rec...)
+	if len(a.body) > a.want {
+		return nil, errors.New("record runs past the declared message length")
+	}
+	if len(a.body) == a.want {
+		if a.body == nil {
+			a.body = []byte{}
+		}
+		return a.body, nil
+	}
+	return nil, nil
 }
 
 func closeRights(oob []byte) {

@@ -201,3 +201,33 @@ func openFDs(t *testing.T) int {
 	}
 	return len(ents)
 }
+
+// FuzzMessage feeds arbitrary records to the reassembly and decoding of a
+// request: errors are fine, panics and hangs are not, and a body is only
+// returned when it has exactly the announced length.
+func FuzzMessage(f *testing.F) {
+	for _, m := range fixedMessages() {
+		b, _ := Marshal(m.msg)
+		f.Add(append([]byte{0, 0, byte(len(b) >> 8), byte(len(b))}, b...), uint8(7))
+	}
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff}, uint8(1))
+	f.Add([]byte{0, 0, 0, 3, 0x81}, uint8(2))
+	f.Fuzz(func(t *testing.T, data []byte, split uint8) {
+		var a assembler
+		step := int(split%64) + 1
+		for i := 0; i < len(data); i += step {
+			body, err := a.add(data[i:min(i+step, len(data))])
+			if err != nil {
+				return
+			}
+			if body != nil {
+				if len(body) != a.want {
+					t.Fatalf("body of %d bytes, announced %d", len(body), a.want)
+				}
+				var r Request
+				msgpack.Unmarshal(body, &r)
+				return
+			}
+		}
+	})
+}

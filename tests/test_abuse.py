@@ -1,0 +1,176 @@
+"""Hostile and broken inputs through the public paths (HTTP upload and print
+start, the G-code console, REGISTER_ENCRYPTED_FILE typed by a user), on one
+real stack. Each case: a specific error (or a normal print where the input is
+legitimate), the printer stays ready, no memfd is left anywhere, and the
+uploaded file is unchanged."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+from conftest import Keys
+from gcodegen import sample_gcode
+from stack import HTTPError, wait_for
+from test_component import EncStack
+
+SMALL = sample_gcode(layers=3)
+
+
+def tamper_policy(data: bytes) -> bytes:
+    b = bytearray(data)
+    i = data.index(b"-> encprint/policy v1\n") + len(b"-> encprint/policy v1\n") + 20
+    b[i] = ord("A") if b[i] != ord("A") else ord("B")
+    return bytes(b)
+
+
+@dataclass
+class Case:
+    name: str
+    filename: str
+    data: Optional[Callable[[EncStack], bytes]]
+    expect: str                      # "complete", or a phrase of the error
+    start: Optional[str] = None      # the name to start, if not filename
+    via: str = "http"                # http: POST /printer/print/start; console: SDCARD_PRINT_FILE
+    script: Optional[Callable[[EncStack], str]] = None  # a console command instead
+    copied: bool = False             # put in gcodes/ directly (scp), not uploaded
+
+
+def enc(plain: bytes = SMALL):
+    return lambda st: st.keys.encrypt(plain)
+
+
+CASES = [
+    Case("truncated", "trunc.gcode", lambda st: st.keys.encrypt(SMALL)[:-200], "incomplete"),
+    Case("tampered header", "tamp.gcode", lambda st: tamper_policy(st.keys.encrypt(SMALL)),
+         "header or metadata was altered"),
+    Case("wrong recipient", "theirs.gcode", lambda st: st.keys.other().encrypt(SMALL),
+         "encrypted for other printers"),
+    Case("zero-length plain file", "empty.gcode", lambda st: b"", "complete"),
+    Case("encrypted empty G-code", "empty.enc.gcode", enc(b""), "complete"),
+    Case("over the memory budget", "big.gcode", enc(b"G1 X1 Y1\n" * 300_000),
+         "more than the 1.0 MiB allowed"),
+    Case("plaintext named like an encrypted file", "plain.enc.gcode", lambda st: SMALL, "complete"),
+    Case("encrypted file named .gco", "part.gco", enc(), "complete"),
+    Case("encrypted file named .g", "part.g", enc(), "complete"),
+    Case("quote in the name (copied in by scp)", 'a"b.gcode', enc(), "complete", copied=True),
+    Case("spaces in the name", "my part v2.gcode", enc(), "complete"),
+    Case("unicode name", "Teil-ü-部品.gcode", enc(), "complete"),
+    Case("G-code injection with ';'", "evil;M112.gcode", enc(), "';', '#' or '*'"),
+    Case("G-code injection with '#'", "evil#x.gcode", enc(), "';', '#' or '*'"),
+    Case("path outside the gcodes folder", "inside.gcode", enc(),
+         "outside the gcodes folder", start="../outside.gcode"),
+    Case("armored age file", "armored.gcode",
+         lambda st: subprocess.run(["age", "-a", "-r", st.keys.recipient], input=SMALL,
+                                   capture_output=True, check=True).stdout, "armored"),
+    Case("garbage after the magic line", "garbage.gcode",
+         lambda st: b"age-encryption.org/v1\n-> X25519 !!!\n\x00\xff\n", "malformed header"),
+    Case("unsupported stanza version", "future.gcode",
+         lambda st: st.keys.encrypt(SMALL).replace(b"-> encprint/policy v1",
+                                                   b"-> encprint/policy v9", 1),
+         "unsupported version"),
+    Case("made by stock age", "stock.gcode",
+         lambda st: subprocess.run(["age", "-r", st.keys.recipient], input=SMALL,
+                                   capture_output=True, check=True).stdout, "complete"),
+    Case("console start of a tampered file", "tamp2.gcode",
+         lambda st: tamper_policy(st.keys.encrypt(SMALL)), "header or metadata was altered",
+         via="console"),
+    Case("REGISTER with another process's PID/FD", "reg1.gcode", enc(), "/proc/1/fd/0",
+         script=lambda st: "REGISTER_ENCRYPTED_FILE FILENAME=reg1.gcode PID=1 FD=0 SIZE=1 "
+                           "TOKEN=encprint-x"),
+    Case("REGISTER with a regular file's FD", "reg2.gcode", enc(), "is not the memfd",
+         script=lambda st: f"REGISTER_ENCRYPTED_FILE FILENAME=reg2.gcode "
+                           f"PID={st.moonraker.pid} FD=0 SIZE=1 TOKEN=encprint-x"),
+    Case("REGISTER with a path in FILENAME", "reg3.gcode", enc(), "without '..'",
+         script=lambda st: "REGISTER_ENCRYPTED_FILE FILENAME=../../etc/x.gcode PID=1 FD=0 "
+                           "SIZE=1 TOKEN=encprint-x"),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(binaries, tmp_path_factory):
+    keys = Keys(binaries, tmp_path_factory.mktemp("abuse-keys"))
+    st = EncStack(tmp_path_factory.mktemp("abuse"), keys, "max_memory: 1\n")
+    st.start()
+    yield st
+    st.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logs(request, stack):
+    request.node._encprint_stack = stack
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input(stack, case):
+    if case.data is not None and case.copied:
+        (stack.gcodes / case.filename).write_bytes(case.data(stack))
+        wait_for(lambda: stack.ui.get("/server/files/metadata", filename=case.filename)
+                 ["result"].get("encrypted_print"), 10, "Moonraker to see the file")
+    elif case.data is not None:
+        stack.ui.upload(case.filename, case.data(stack))
+    if case.start and case.start.startswith("../"):
+        (stack.data / case.start[3:]).write_bytes(stack.keys.encrypt(SMALL))
+    stored = stack.gcodes / case.filename
+    before = sha(stored) if stored.exists() else None
+    name = case.start or case.filename
+    error = None
+    try:
+        if case.script is not None:
+            stack.ui.gcode(case.script(stack))
+        elif case.via == "console":
+            stack.ui.gcode(f'SDCARD_PRINT_FILE FILENAME="{name}"')
+        else:
+            stack.ui.start_print(name)
+    except HTTPError as e:
+        error = e.message
+    if case.via == "console" and case.expect != "complete":
+        # The console answers at once; the refusal follows as a notification.
+        assert error and "Moonraker is decrypting it" in error
+        wait_for(lambda: any(case.expect in n["params"][0]["message"]
+                             for n in stack.ui.seen("notify_encrypted_print_error")),
+                 10, f"the refusal {case.expect!r}")
+    elif case.expect == "complete":
+        assert error is None, error
+        wait_for(lambda: stack.ui.query("print_stats")["print_stats"]["state"] == "complete"
+                 and stack.ui.query("print_stats")["print_stats"]["filename"] == name,
+                 30, "the print to complete")
+    else:
+        assert error is not None, "no error"
+        assert case.expect in error, error
+    assert stack.klippy.state() == "ready"
+    assert stack.ui.query("print_stats")["print_stats"]["state"] != "printing"
+    stack.wait_released()
+    if before is not None:
+        assert sha(stored) == before, "the uploaded file was modified"
+
+
+def test_concurrent_starts_print_once_and_refuse_the_other(stack):
+    stack.upload_encrypted("c1.gcode", sample_gcode(layers=3))
+    stack.upload_encrypted("c2.gcode", sample_gcode(layers=3))
+    results = {}
+
+    def start(name):
+        try:
+            stack.ui.start_print(name)
+            results[name] = "ok"
+        except HTTPError as e:
+            results[name] = e.message
+    threads = [threading.Thread(target=start, args=(n,)) for n in ("c1.gcode", "c2.gcode")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [m for m in results.values() if m != "ok"]
+    assert list(results.values()).count("ok") >= 1, results
+    for m in refused:
+        assert any(w in m for w in ("being prepared", "still printing", "SD busy")), m
+    stack.wait_state("complete")
+    stack.wait_released()

@@ -74,6 +74,7 @@ class Keys:
         return res.stdout.decode()
 
     def encrypt(self, plain: bytes, *flags: str, recipients=None) -> bytes:
+        SECRET_CANARIES.update(CANARY_RE.findall(plain))
         args = ["encrypt", "-o", "-"]
         for r in recipients or [self.recipient]:
             args += ["-r", r]
@@ -94,3 +95,36 @@ def keys(binaries, tmp_path) -> Keys:
 
 def open_fds() -> set:
     return set(os.listdir("/proc/self/fd"))
+
+
+# -- the suite-wide canary scan --
+
+import re  # noqa: E402
+import tempfile  # noqa: E402
+
+CANARY_RE = re.compile(rb"CANARY-[0-9a-f]{32}")
+SECRET_CANARIES: set = set()  # canaries of every cleartext that was encrypted
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
+    """After every test ran: no canary of an encrypted file is in any file
+    under the test roots (data folders, logs, databases, .thumbs) or in the
+    system's temp folders."""
+    yield
+    if not SECRET_CANARIES:
+        return
+    roots = [tmp_path_factory.getbasetemp(), pathlib.Path(tempfile.gettempdir()),
+             pathlib.Path("/dev/shm")]
+    found = []
+    for root in roots:
+        for p in root.rglob("*"):
+            try:
+                if not p.is_file() or p.is_symlink() or p.stat().st_size > 64 << 20:
+                    continue
+                hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
+            except OSError:
+                continue
+            if hits:
+                found.append(f"{p}: {sorted(hits)[:2]}")
+    assert not found, "cleartext of encrypted files found on disk:\n" + "\n".join(found)

@@ -79,6 +79,13 @@ class EncStack(Stack):
                          **kw) -> dict:
         return self.ui.upload(name, self.keys.encrypt(plain, *flags), print_=print_, **kw)
 
+    def start_long_print(self, name: str, moves: int = 1_000_000) -> None:
+        """Upload and start an encrypted file long enough (debug-output
+        klippy prints at CPU speed) to act on while it prints."""
+        self.upload_encrypted(name, b"G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n" * moves)
+        self.ui.start_print(name)
+        self.wait_state("printing")
+
     def metadata(self, name: str) -> dict:
         return self.ui.get("/server/files/metadata", filename=name)["result"]
 
@@ -225,10 +232,7 @@ def test_m23_selects_then_m24_prints(stack):
 
 
 def test_pause_resume_cancel(stack):
-    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
-    stack.upload_encrypted("long.gcode", (line * 1_000_000).encode())
-    stack.ui.start_print("long.gcode")
-    stack.wait_state("printing")
+    stack.start_long_print("long.gcode")
     stack.ui.post("/printer/print/pause")
     stack.wait_state("paused")
     pos = stack.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"]
@@ -323,10 +327,7 @@ def test_missing_identity_and_missing_bridge_leave_one_clear_warning_each(binari
 
 
 def test_moonraker_restart_mid_print(stack):
-    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
-    stack.upload_encrypted("long.gcode", (line * 600_000).encode())
-    stack.ui.start_print("long.gcode")
-    stack.wait_state("printing")
+    stack.start_long_print("long.gcode", 600_000)
     pid = stack.moonraker.pid
     stack.ui.post("/server/restart")
     # The restart is in-process: same PID; the component's fd is closed.
@@ -341,10 +342,7 @@ def test_moonraker_restart_mid_print(stack):
 
 
 def test_klipper_restart_mid_print_releases_and_next_print_works(stack):
-    line = "G1 X10 Y10 F6000\nG1 X20 Y20 F6000\n"
-    stack.upload_encrypted("long.gcode", (line * 1_000_000).encode())
-    stack.ui.start_print("long.gcode")
-    stack.wait_state("printing")
+    stack.start_long_print("long.gcode")
     stack.ui.post("/printer/firmware_restart")
     stack.moonraker.wait_ready()
     stack.wait_released()
@@ -449,3 +447,16 @@ def test_upload_over_the_file_being_printed_is_refused(stack):
 
 def sha256(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_unsafe_settings_get_a_warning_each(make_stack, binaries, tmp_path):
+    keys = Keys(binaries, tmp_path / "keys")
+    keys.identity.chmod(0o644)
+    st = make_stack("[file_manager]\nenable_object_processing: True\n", keys)
+    warnings = [w for w in st.ui.get("/server/info")["result"]["warnings"]
+                if "encrypted_print" in w]
+    assert any("readable by others (mode 0644)" in w and "chmod 600" in w for w in warnings)
+    assert any("enable_object_processing is on" in w for w in warnings)
+    assert len(warnings) == 2, warnings
+    st.upload_encrypted("x.gcode", sample_gcode(layers=1))
+    assert "readable by others" in st.refused("x.gcode")

@@ -171,7 +171,7 @@ def test_bad_input_gets_a_specific_error(ep, binaries, client, keys, gcodes, tmp
     name = f"{case}.gcode"
     kwargs = {}
     if case == "plain":
-        put(gcodes, name, plain)
+        put(gcodes, name, sample_gcode(layers=2))  # a cleartext of its own
     elif case == "wrong_key":
         put(gcodes, name, keys.other().encrypt(plain))
     elif case in ("header", "chunk", "truncated"):

@@ -395,16 +395,12 @@ func inspect(args []string) error {
 		return errors.New("inspect: give exactly one file")
 	}
 	path := fs.Arg(0)
-	f, err := os.Open(path)
+	f, size, err := openSized(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	h, p, err := encfile.ParseFile(f, st.Size())
+	h, p, err := encfile.ParseFile(f, size)
 	if err != nil {
 		return fmt.Errorf("%s: %v", path, err)
 	}
@@ -471,6 +467,20 @@ func describePolicy(p *encfile.Policy) string {
 	return strings.Join(parts, ", ")
 }
 
+// openSized opens a file for reading and returns its size.
+func openSized(path string) (*os.File, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	return f, st.Size(), nil
+}
+
 type discard struct{}
 
 func (discard) WriteAt(p []byte, off int64) (int, error) { return len(p), nil }
@@ -489,16 +499,12 @@ func verify(args []string) error {
 		return err
 	}
 	path := fs.Arg(0)
-	f, err := os.Open(path)
+	f, size, err := openSized(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	ef, err := encfile.Open(f, st.Size(), ids...)
+	ef, err := encfile.Open(f, size, ids...)
 	if err != nil {
 		return fmt.Errorf("%s: %v", path, err)
 	}

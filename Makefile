@@ -44,6 +44,8 @@ demo: setup build
 ## bench: decrypt benchmarks (helper vs age -d vs cat), JSON in bench/results/.
 bench: setup build
 	$(PY) bench/decrypt.py $(if $(SIZES),--sizes $(SIZES),)
+	$(PY) bench/start_latency.py
+	$(GO) test -run '^$$' -bench Decrypt256MiB -benchmem -count 3 ./helper/encfile
 
 ## dist: release binaries for every supported platform, with SHA256SUMS.
 # The helper is Linux-only (printers); encprint also runs on macOS and Windows.

@@ -2,10 +2,10 @@
 
 On a real local stack (klippy in debug-output mode, Moonraker with the
 component): for each size, the same G-code uploaded in clear and encrypted,
-then POST /printer/print/start until print_stats says "printing" (seen over
-the websocket, as a UI sees it). Also Moonraker's RSS idle and while printing
-an encrypted file. JSON in bench/results/start_latency.json, a markdown table
-on stdout.
+then POST /printer/print/start until print_stats says "printing" (polled
+with /printer/objects/query; a UI sees it at its next 250 ms status push).
+Also Moonraker's RSS idle and while printing an encrypted file. JSON in
+bench/results/start_latency.json, a markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -69,15 +69,16 @@ def main() -> int:
                     name = f"{'clear' if kind == 'clear' else 'enc'}-{size}.gcode"
                     t = time.perf_counter()
                     stack.ui.start_print(name)
-                    wait_for(lambda n=name: stack.ui.print_state() in ("printing", "complete")
-                             and stack.ui.status["print_stats"].get("filename") == n,
-                             120, "printing", interval=0.001)
+                    def started(n=name) -> bool:
+                        ps = stack.ui.query("print_stats")["print_stats"]
+                        return ps["state"] in ("printing", "complete") and ps["filename"] == n
+                    wait_for(started, 120, "printing", interval=0)
                     row[f"{kind}_ms"].append((time.perf_counter() - t) * 1000)
                     if kind == "encrypted":
                         print_rss = max(print_rss, rss_kib(stack.moonraker.pid))
                     stack.ui.post("/printer/print/cancel")
-                    wait_for(lambda: stack.ui.print_state() in ("cancelled", "complete"), 60,
-                             "the cancel")
+                    wait_for(lambda: stack.ui.query("print_stats")["print_stats"]["state"]
+                             in ("cancelled", "complete"), 60, "the cancel")
                     wait_for(lambda: stack.ui.get("/server/encrypted_print/status")["result"]
                              ["active_job"] is None, 10, "the release")
             for kind in ("clear", "encrypted"):

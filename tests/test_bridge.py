@@ -310,3 +310,18 @@ def test_unused_registration_expires(printer):
     wait_for(lambda: printer.status()["encrypted_file_bridge"]["registered"] == [], 10,
              "the registration to expire")
     assert printer.klippy_memfds() == []
+
+
+def test_sdcard_reset_file_releases_the_memfd(printer, long_file_lines):
+    printer.put("long.gcode", long_plain(long_file_lines, new_canary()))
+    printer.register("long.gcode")
+    printer.release("long.gcode")
+    printer.ok('SDCARD_PRINT_FILE FILENAME="long.gcode"')
+    printer.wait_state("printing")
+    printer.ok("PAUSE")
+    printer.wait_state("paused")
+    assert len(printer.klippy_memfds()) == 1  # a paused print keeps its file
+    printer.ok("SDCARD_RESET_FILE")
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    wait_for(lambda: printer.status()["encrypted_file_bridge"]["active"] is None, 3,
+             "the bridge's status to follow (it checks once a second)")

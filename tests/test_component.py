@@ -359,29 +359,36 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def test_fifty_prints_in_a_row_leak_nothing(stack):
+def test_a_hundred_prints_in_a_row_leak_nothing(stack):
     canary = new_canary()
     stack.upload_encrypted("soak.gcode", sample_gcode(layers=3, canary=canary))
-    pid = stack.moonraker.pid
-
-    def one() -> None:
-        stack.ui.start_print("soak.gcode")
-        wait_for(lambda: stack.active_done(), 30, "the print to end")
+    procs = {"moonraker": stack.moonraker.pid, "klippy": stack.klippy.pid}
 
     def done() -> bool:
         st = stack.ui.get("/server/encrypted_print/status")["result"]
         return st["active_job"] is None and stack.ui.print_state() == "complete"
-    stack.active_done = done
+
+    def one() -> None:
+        stack.ui.start_print("soak.gcode")
+        wait_for(done, 30, "the print to end")
+
+    def measure() -> dict:
+        return {name: (len(os.listdir(f"/proc/{pid}/fd")), rss_kb(pid))
+                for name, pid in procs.items()}
     for _ in range(5):  # warm up caches and pools
         one()
-    fds0, rss0 = len(os.listdir(f"/proc/{pid}/fd")), rss_kb(pid)
-    for _ in range(50):
+    stack.wait_released()
+    start = measure()
+    for _ in range(100):
         one()
     stack.wait_released()
-    fds1, rss1 = len(os.listdir(f"/proc/{pid}/fd")), rss_kb(pid)
-    assert fds1 <= fds0, f"Moonraker's fds went from {fds0} to {fds1}"
-    assert rss1 < rss0 + 8 * 1024, f"Moonraker's RSS went from {rss0} to {rss1} KiB"
-    assert len([j for j in stack.jobs() if j["result"] == "complete"]) == 55
+    end = measure()
+    for name in procs:
+        (fds0, rss0), (fds1, rss1) = start[name], end[name]
+        assert fds1 <= fds0, f"{name}'s descriptors went from {fds0} to {fds1}"
+        assert rss1 < rss0 + 8 * 1024, f"{name}'s RSS went from {rss0} to {rss1} KiB"
+    assert stack.memfds() == []
+    assert len([j for j in stack.jobs() if j["result"] == "complete"]) == 105
     assert_no_canary(stack.root, canary)
 
 
@@ -460,3 +467,13 @@ def test_unsafe_settings_get_a_warning_each(make_stack, binaries, tmp_path):
     assert len(warnings) == 2, warnings
     st.upload_encrypted("x.gcode", sample_gcode(layers=1))
     assert "readable by others" in st.refused("x.gcode")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
+def test_identity_of_another_user_gets_a_warning(make_stack, binaries, tmp_path):
+    keys = Keys(binaries, tmp_path / "keys")
+    os.chown(keys.identity, 65534, 65534)
+    st = make_stack("", keys)
+    warnings = [w for w in st.ui.get("/server/info")["result"]["warnings"]
+                if "encrypted_print" in w]
+    assert any("belongs to uid 65534, not to Moonraker's user" in w for w in warnings), warnings

@@ -265,3 +265,34 @@ def test_update_to_a_new_protocol_refuses_with_the_command_then_reinstall_fixes(
         m.stop()
         k.stop()
         home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")
+
+
+def test_kalico_layout_links_into_plugins(home):
+    kalico = home.home / "kalico"
+    if not kalico.exists():
+        shutil.copytree(home.klipper, kalico, symlinks=True)
+        (kalico / "klippy" / "plugins").mkdir()
+        if AS_USER:
+            subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(kalico)], check=True)
+    res = home.run("bash", str(home.repo / "install.sh"), "--klipper", str(kalico),
+                   "--no-restart", check=True)
+    assert "extras in klippy/plugins" in res.stdout
+    link = kalico / "klippy/plugins/encrypted_file_bridge.py"
+    assert os.readlink(link) == str(home.repo / "klippy-extras/encrypted_file_bridge.py")
+    assert "klippy/plugins/encrypted_file_bridge.py" in (kalico / ".git/info/exclude").read_text()
+    home.run("bash", str(home.repo / "uninstall.sh"), "--klipper", str(kalico),
+             "--no-restart", check=True)
+    assert not link.exists()
+
+
+def test_without_go_or_a_release_the_error_names_the_remedy(home):
+    # No Go on PATH, and the checkout is not at a release tag.
+    path = ":".join(d for d in os.environ["PATH"].split(":")
+                    if not (pathlib.Path(d) / "go").exists())
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart",
+                   env={"PATH": path})
+    assert res.returncode != 0
+    assert "Go 1.24.0 or newer is needed" in res.stderr
+    assert "release tag 'none'" in res.stderr
+    assert f"run: {home.repo}/install.sh" in res.stderr
+    home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")

@@ -416,6 +416,8 @@ class EncryptedPrint:
                     f"[encrypted_print] trusted_publishers: {key!r} is not a publisher "
                     "key (encprint-pub:..., as printed by `encprint sign-keygen`)")
         self.require_signature = config.getboolean("require_signature", False)
+        # Moonraker's requests to Klipper have no timeout of their own.
+        self.klipper_timeout = config.getfloat("klipper_timeout", 30., above=0.)
         self.client = HelperClient(
             self.helper_path, self.identity_path,
             inspect_timeout=config.getfloat("inspect_timeout", 20., above=0.),
@@ -678,7 +680,7 @@ class EncryptedPrint:
             if self.active is not None:
                 # The previous print may have ended since the last check
                 # (the job queue starts the next one within milliseconds).
-                await self._check_job(self.active)
+                await self._klipper(name, self._check_job(self.active))
             if self.active is not None:
                 raise PrintRefused(f"cannot start {name}: {self.active.filename} is "
                                    "still printing")
@@ -689,7 +691,7 @@ class EncryptedPrint:
             for key in ("msgpack", "helper", "identity", "uid"):
                 if key in self.problems:
                     raise PrintRefused(f"cannot print {name}: {self.problems[key]}")
-            objects = await self.kapis.get_object_list(default=[])
+            objects = await self._klipper(name, self.kapis.get_object_list(default=[]))
             if BRIDGE_OBJECT not in objects:
                 raise PrintRefused(f"cannot print {name}: Klipper has no "
                                    "[encrypted_file_bridge] section in printer.cfg")
@@ -720,9 +722,14 @@ class EncryptedPrint:
                 self.decrypting = None
             try:
                 esc = name.replace("\\", "\\\\").replace('"', '\\"')
-                await self.kapis.run_gcode(
+                # If Klipper answers after the timeout, its registration
+                # names a TOKEN that no other memfd has: it fails there.
+                await self._klipper(name, self.kapis.run_gcode(
                     f'REGISTER_ENCRYPTED_FILE FILENAME="{esc}" PID={os.getpid()} '
-                    f"FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}")
+                    f"FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}"))
+            except PrintRefused:
+                df.close()
+                raise
             except Exception as e:
                 df.close()
                 raise PrintRefused(f"Klipper refused {name}: {e}") from None
@@ -735,6 +742,14 @@ class EncryptedPrint:
             self.active = ActiveJob(name, df, rid, record)
             logging.info(f"encrypted_print: {name} decrypted ({df.size} bytes in "
                          f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
+
+    async def _klipper(self, name: str, request: Any) -> Any:
+        """A request to Klipper on a start path, bounded by klipper_timeout."""
+        try:
+            return await asyncio.wait_for(request, self.klipper_timeout)
+        except asyncio.TimeoutError:
+            raise PrintRefused(f"cannot print {name}: Klipper did not answer within "
+                               f"{self.klipper_timeout:g} s (busy or hung?); try again") from None
 
     def _progress(self, done: int, total: int) -> None:
         """Decrypt progress: a websocket notification each time, and the

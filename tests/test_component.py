@@ -99,6 +99,11 @@ class EncStack(Stack):
         wait_for(lambda: self.memfds() == [], 10, "klippy and Moonraker (and the helper) "
                  f"to release every memfd: {self.memfds()}")
 
+    def refused_while_stopped(self, name: str) -> str:
+        with pytest.raises(HTTPError) as ei:
+            self.ui.start_print(name)
+        return ei.value.message
+
     def refused(self, name: str) -> str:
         with pytest.raises(HTTPError) as ei:
             self.ui.start_print(name)
@@ -477,3 +482,22 @@ def test_identity_of_another_user_gets_a_warning(make_stack, binaries, tmp_path)
     warnings = [w for w in st.ui.get("/server/info")["result"]["warnings"]
                 if "encrypted_print" in w]
     assert any("belongs to uid 65534, not to Moonraker's user" in w for w in warnings), warnings
+
+
+def test_unresponsive_klipper_refuses_in_time_and_leaks_nothing(make_stack):
+    import signal
+    st = make_stack("klipper_timeout: 2\n")
+    st.upload_encrypted("stuck.gcode", sample_gcode(layers=2))
+    os.kill(st.klippy.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        message = st.refused_while_stopped("stuck.gcode")
+        assert time.monotonic() - t < 10
+        assert "Klipper did not answer within 2 s" in message
+        assert st.memfds() == []
+    finally:
+        os.kill(st.klippy.pid, signal.SIGCONT)
+    wait_for(lambda: st.klippy.state() == "ready", 10, "klippy to go on")
+    st.ui.start_print("stuck.gcode")
+    st.wait_state("complete")
+    st.wait_released()

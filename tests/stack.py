@@ -514,6 +514,20 @@ class Stack:
             raise StackError(f"{e}; print_stats={self.ui.status.get('print_stats')}"
                              f"\n--- klippy.log ---\n{tail(self.klippy.log)}") from None
 
+    def pause_resume_cancel(self) -> None:
+        """What a user does with a running print, from the UI: pause (the
+        position holds still), resume, cancel."""
+        self.ui.post("/printer/print/pause")
+        self.wait_state("paused")
+        pos = self.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"]
+        time.sleep(0.3)
+        assert self.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"] == pos
+        self.ui.post("/printer/print/resume")
+        self.wait_state("printing")
+        self.ui.post("/printer/print/cancel")
+        self.wait_state("cancelled")
+        assert self.klippy.state() == "ready"
+
     def logs(self) -> str:
         return (f"--- klippy.log ---\n{tail(self.klippy.log)}\n"
                 f"--- moonraker.log ---\n{tail(self.moonraker.log)}")

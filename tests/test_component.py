@@ -238,15 +238,7 @@ def test_m23_selects_then_m24_prints(stack):
 
 def test_pause_resume_cancel(stack):
     stack.start_long_print("long.gcode")
-    stack.ui.post("/printer/print/pause")
-    stack.wait_state("paused")
-    pos = stack.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"]
-    time.sleep(0.3)
-    assert stack.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"] == pos
-    stack.ui.post("/printer/print/resume")
-    stack.wait_state("printing")
-    stack.ui.post("/printer/print/cancel")
-    stack.wait_state("cancelled")
+    stack.pause_resume_cancel()
     stack.wait_released()
     wait_for(lambda: stack.jobs()[0]["result"] == "cancelled", 10, "the audit record")
 

@@ -2,8 +2,6 @@
 Every encrypted-print test is compared with this behaviour."""
 from __future__ import annotations
 
-import time
-
 from gcodegen import big_gcode, sample_gcode
 from stack import wait_for
 
@@ -35,13 +33,4 @@ def test_plain_pause_resume_and_cancel_of_a_long_file(plain_stack):
     st.ui.upload("long.gcode", big_gcode(3_000_000))
     st.ui.start_print("long.gcode")
     st.wait_state("printing")
-    st.ui.post("/printer/print/pause")
-    st.wait_state("paused")
-    pos = st.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"]
-    time.sleep(0.5)
-    assert st.ui.query("virtual_sdcard")["virtual_sdcard"]["file_position"] == pos
-    st.ui.post("/printer/print/resume")
-    st.wait_state("printing")
-    st.ui.post("/printer/print/cancel")
-    st.wait_state("cancelled")
-    assert st.klippy.state() == "ready"
+    st.pause_resume_cancel()

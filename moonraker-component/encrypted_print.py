@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import ctypes
 import fcntl
 import logging
 import os
 import pathlib
 import re
+import resource
 import secrets
 import socket
 import stat
@@ -62,6 +64,22 @@ class HelperError(Exception):
         self.message = message
 
 
+_libc: Any = None
+
+
+def _c() -> Any:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_long]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = lib
+    return _libc
+
+
 class DecryptedFile:
     """A sealed memfd holding cleartext G-code, owned by the component."""
 
@@ -75,8 +93,37 @@ class DecryptedFile:
         self.elapsed_ms: float = result["elapsed_ms"]
         self.publisher: Optional[str] = result.get("publisher")
         self.signature_valid: bool = bool(result.get("signature_valid"))
+        self.locked_at: Optional[int] = None
+
+    def lock_in_memory(self) -> None:
+        """Keep the cleartext out of swap until close(): map the sealed memfd
+        read-only and mlock the mapping. Fails with a clear HelperError when
+        RLIMIT_MEMLOCK (LimitMEMLOCK= of the service) is too low."""
+        if self.size == 0 or self.locked_at is not None:
+            return
+        libc = _c()
+        addr = libc.mmap(None, self.size, 0x1, 0x01, self.fd, 0)  # PROT_READ, MAP_SHARED
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise HelperError("mlock_failed", f"cannot map the decrypted file: "
+                              f"{os.strerror(err)}")
+        if libc.mlock(addr, self.size) != 0:
+            err = ctypes.get_errno()
+            libc.munmap(addr, self.size)
+            soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+            raise HelperError(
+                "mlock_failed",
+                f"cannot lock {self.size / 1048576:.1f} MiB of G-code in memory "
+                f"({os.strerror(err)}; Moonraker may lock {limit}): add a drop-in with "
+                "[Service] LimitMEMLOCK=infinity to moonraker.service, or set "
+                "[encrypted_print] swap_protection to refuse_disk_swap or none")
+        self.locked_at = addr
 
     def close(self) -> None:
+        if self.locked_at is not None:
+            _c().munmap(self.locked_at, self.size)  # unlocks too
+            self.locked_at = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -408,7 +455,7 @@ class EncryptedPrint:
         self.identity_path = os.path.expanduser(config.get("identity", DEFAULT_IDENTITY))
         self.max_memory = config.getint("max_memory", 0, minval=0) * 1024 * 1024
         self.swap_protection = config.getchoice(
-            "swap_protection", ["none", "refuse_disk_swap"], "none")
+            "swap_protection", ["none", "refuse_disk_swap", "mlock"], "none")
         self.trusted: List[str] = config.getlist("trusted_publishers", [])
         for key in self.trusted:
             if not PUBKEY_RE.match(key):
@@ -720,6 +767,12 @@ class EncryptedPrint:
                 raise PrintRefused(e.message) from None
             finally:
                 self.decrypting = None
+            if self.swap_protection == "mlock":
+                try:
+                    df.lock_in_memory()
+                except HelperError as e:
+                    df.close()
+                    raise PrintRefused(f"cannot print {name}: {e.message}") from None
             try:
                 esc = name.replace("\\", "\\\\").replace('"', '\\"')
                 # If Klipper answers after the timeout, its registration

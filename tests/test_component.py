@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 
@@ -493,3 +494,41 @@ def test_unresponsive_klipper_refuses_in_time_and_leaks_nothing(make_stack):
     st.ui.start_print("stuck.gcode")
     st.wait_state("complete")
     st.wait_released()
+
+
+def vm_locked_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_mlock_keeps_the_cleartext_locked_for_the_print(make_stack):
+    st = make_stack("swap_protection: mlock\n")
+    st.start_long_print("locked.gcode", 1_000_000)   # 34 MB of G-code
+    size_kib = st.ui.query("virtual_sdcard")["virtual_sdcard"]["file_size"] // 1024
+    assert vm_locked_kib(st.moonraker.pid) >= size_kib
+    st.ui.post("/printer/print/cancel")
+    st.wait_state("cancelled")
+    st.wait_released()
+    assert vm_locked_kib(st.moonraker.pid) == 0
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None or shutil.which("setpriv") is None,
+                    reason="needs prlimit and setpriv")
+def test_mlock_beyond_the_limit_is_refused_with_the_remedy(binaries, tmp_path, request):
+    keys = Keys(binaries, tmp_path / "keys")
+    st = EncStack(tmp_path / "s", keys, "swap_protection: mlock\n")
+    # As a service with the default LimitMEMLOCK and without CAP_IPC_LOCK.
+    st.moonraker.prefix = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock",
+                           "prlimit", "--memlock=65536:65536", "--"]
+    request.node._encprint_stack = st
+    try:
+        st.start()
+        st.upload_encrypted("big.gcode", sample_gcode(layers=100))
+        message = st.refused("big.gcode")
+        assert "cannot lock" in message and "LimitMEMLOCK=infinity" in message
+        assert "Moonraker may lock 64 KiB" in message
+        assert st.memfds() == []
+    finally:
+        st.stop()

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 import time
 
@@ -532,3 +533,44 @@ def test_mlock_beyond_the_limit_is_refused_with_the_remedy(binaries, tmp_path, r
         assert st.memfds() == []
     finally:
         st.stop()
+
+
+def can_mount() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = pathlib.Path(tempfile.mkdtemp(prefix="encprint-mount-"))
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+                        capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)])
+    probe.rmdir()
+    return ok
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs to mount a small tmpfs (root)")
+def test_upload_onto_a_nearly_full_disk(binaries, tmp_path, request):
+    keys = Keys(binaries, tmp_path / "keys")
+    st = EncStack(tmp_path / "s", keys)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(st.gcodes)],
+                   check=True)
+    request.node._encprint_stack = st
+    try:
+        st.start()
+        st.upload_encrypted("first.gcode", sample_gcode(layers=5))
+        before = sha256(st.gcodes / "first.gcode")
+        big = b"G1 X10 Y10 F6000 ; filling the disk\n" * 100_000  # 3.6 MB
+        with pytest.raises(HTTPError) as ei:
+            st.upload_encrypted("big.gcode", big)
+        # Moonraker's own upload path fails (a bare 500: upstream behaviour).
+        assert ei.value.status == 500
+        partial = st.gcodes / "big.gcode"
+        if partial.exists():  # whatever Moonraker left is refused, never printed
+            assert "incomplete" in st.refused("big.gcode")
+        assert st.klippy.state() == "ready"
+        assert sha256(st.gcodes / "first.gcode") == before
+        st.ui.start_print("first.gcode")
+        st.wait_state("complete")
+        st.wait_released()
+    finally:
+        st.stop()
+        subprocess.run(["umount", str(st.gcodes)])

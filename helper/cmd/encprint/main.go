@@ -278,6 +278,7 @@ func encrypt(args []string) error {
 	var src io.ReadSeeker
 	var size int64
 	var readerAt io.ReaderAt
+	outMode := os.FileMode(0o644) // ciphertext is meant to be shared
 	if in == "-" {
 		b, err := io.ReadAll(os.Stdin)
 		if err != nil {
@@ -297,6 +298,9 @@ func encrypt(args []string) error {
 		}
 		if !st.Mode().IsRegular() {
 			return fmt.Errorf("%s is not a regular file", in)
+		}
+		if *inPlace {
+			outMode = st.Mode().Perm()
 		}
 		head := make([]byte, len(encfile.Magic)+1)
 		n, _ := f.ReadAt(head, 0)
@@ -346,6 +350,10 @@ func encrypt(args []string) error {
 		return fmt.Errorf("%s: %v", in, err)
 	}
 	prog.done()
+	if err := tmp.Chmod(outMode); err != nil {
+		tmp.Close()
+		return err
+	}
 	if err := tmp.Close(); err != nil {
 		return err
 	}
@@ -463,6 +471,9 @@ func describePolicy(p *encfile.Policy) string {
 	}
 	if len(parts) == 0 {
 		return "no limits"
+	}
+	if ok, why := p.Window(time.Now()); !ok {
+		parts = append(parts, "NOT PRINTABLE NOW: "+why)
 	}
 	return strings.Join(parts, ", ")
 }

@@ -67,6 +67,9 @@ func TestKeygenEncryptInspectVerify(t *testing.T) {
 		t.Fatalf("encrypt: %v %s", err, stderr)
 	}
 	enc := filepath.Join(dir, "part.enc.gcode")
+	if st, _ := os.Stat(enc); st.Mode().Perm() != 0o644 {
+		t.Fatalf("encrypted file mode %v, want 0644 (it is meant to be shared)", st.Mode().Perm())
+	}
 	data, _ := os.ReadFile(enc)
 	if bytes.Contains(data, []byte("SECRET-CANARY-LINE")) || !bytes.HasPrefix(data, []byte("age-encryption.org/v1\n")) {
 		t.Fatal("output is not an encrypted file")
@@ -148,5 +151,17 @@ func TestErrorsNameTheFileAndProblem(t *testing.T) {
 		if err == nil || !strings.Contains(stderr, c.want) {
 			t.Errorf("%v: got %q, want it to contain %q", c.args, stderr, c.want)
 		}
+	}
+}
+
+func TestInspectSaysWhenAFileHasExpired(t *testing.T) {
+	dir := t.TempDir()
+	rcpt, _, _ := run(t, nil, "keygen", "-o", filepath.Join(dir, "k"))
+	in := filepath.Join(dir, "old.gcode")
+	os.WriteFile(in, []byte(gcode), 0o644)
+	run(t, nil, "encrypt", "-r", strings.TrimSpace(rcpt), "--not-after", "2020-01-01", in)
+	out, _, err := run(t, nil, "inspect", filepath.Join(dir, "old.enc.gcode"))
+	if err != nil || !strings.Contains(out, "NOT PRINTABLE NOW: expired at 2020-01-01T00:00:00Z") {
+		t.Fatalf("inspect: %v %q", err, out)
 	}
 }

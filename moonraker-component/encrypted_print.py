@@ -427,6 +427,7 @@ PUBKEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
 # Klipper's extended G-code parser stops at these; a name holding one cannot
 # be sent in SDCARD_PRINT_FILE or REGISTER_ENCRYPTED_FILE.
 UNSENDABLE = re.compile(r"[\x00-\x1f\x7f;#*]")
+GCODE_UNSAFE = re.compile(r"[\x00-\x1f\x7f;#*\"]")
 FINISHED_STATES = ("complete", "cancelled", "error")
 
 
@@ -720,6 +721,12 @@ class EncryptedPrint:
 
     async def _prepare(self, name: str, user: Optional[UserInfo]) -> None:
         """Check everything, decrypt, and register the memfd with Klipper."""
+        # First: from here on messages name the file, and they are echoed to
+        # Klipper's console; a newline in a name would be a G-code line.
+        if UNSENDABLE.search(name):
+            raise PrintRefused(f"cannot print {name!r}: Klipper cannot take file "
+                               "names with control characters, ';', '#' or '*'; "
+                               "rename the file")
         if self.start_lock.locked():
             raise PrintRefused(f"cannot start {name}: another encrypted file is being "
                                "prepared")
@@ -731,10 +738,6 @@ class EncryptedPrint:
             if self.active is not None:
                 raise PrintRefused(f"cannot start {name}: {self.active.filename} is "
                                    "still printing")
-            if UNSENDABLE.search(name):
-                raise PrintRefused(f"cannot print {name!r}: Klipper cannot take file "
-                                   "names with control characters, ';', '#' or '*'; "
-                                   "rename the file")
             for key in ("msgpack", "helper", "identity", "uid"):
                 if key in self.problems:
                     raise PrintRefused(f"cannot print {name}: {self.problems[key]}")
@@ -869,11 +872,13 @@ class EncryptedPrint:
         self._report_error(msg)
 
     def _report_error(self, msg: str) -> None:
-        logging.warning(f"encrypted_print: {msg}")
+        logging.warning(f"encrypted_print: {msg!r}")
         self.server.send_event("encrypted_print:error", {"message": msg})
         # Shown in the UI console; the upload print=true path drops our
-        # error, and a console start has no other way to hear about it.
-        quoted = msg.replace('"', "'")
+        # error, and a console start has no other way to hear about it. The
+        # message goes into a G-code line: nothing in it may end that line
+        # (newline) or cut it short (Klipper's parser stops at ; # *).
+        quoted = GCODE_UNSAFE.sub("?", msg)
         self.eventloop.create_task(self.kapis.run_gcode(
             f'RESPOND TYPE=error MSG="encrypted_print: {quoted}"', default=None))
 

@@ -270,12 +270,16 @@ class Moonraker:
             + self.extra_config)
 
     def start(self, env: Optional[Dict[str, str]] = None) -> None:
-        for sub in ("config", "logs", "gcodes", "database"):
+        for sub in ("config", "logs", "gcodes", "database", "tmp"):
             (self.data / sub).mkdir(parents=True, exist_ok=True)
         if not self.keep_config:
             self.write_config()
         out = open(self.data / "logs" / "moonraker.stdout", "ab")
         penv = dict(os.environ)
+        # Moonraker names upload temp files after its loop time in whole
+        # seconds (moonraker.upload-<secs>.mru): two instances on one host
+        # receiving uploads in the same second write into the same file.
+        penv["TMPDIR"] = str(self.data / "tmp")
         penv.update(env or {})
         self.inits_seen = self.initializations()
         self.proc = subprocess.Popen(

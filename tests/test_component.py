@@ -574,3 +574,19 @@ def test_upload_onto_a_nearly_full_disk(binaries, tmp_path, request):
     finally:
         st.stop()
         subprocess.run(["umount", str(st.gcodes)])
+
+
+def test_a_crafted_file_name_cannot_inject_gcode_through_error_messages(stack):
+    """The refusal is echoed to the console with RESPOND; a name holding a
+    newline must not become a G-code line of its own (here: M112)."""
+    evil = "a\nM112\nb.gcode"
+    (stack.gcodes / evil).write_bytes(stack.keys.encrypt(sample_gcode(layers=2)))
+    stack.start_long_print("long.gcode")
+    with pytest.raises(HTTPError) as ei:
+        stack.ui.start_print(evil)       # refused: another file is printing
+    assert "still printing" in ei.value.message or "';', '#' or '*'" in ei.value.message
+    time.sleep(1.0)  # the RESPOND echo is sent asynchronously
+    assert stack.klippy.state() == "ready", "a G-code line was injected"
+    stack.ui.post("/printer/print/cancel")
+    stack.wait_state("cancelled")
+    stack.wait_released()

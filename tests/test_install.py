@@ -110,7 +110,7 @@ def home(binaries) -> Home:
     shutil.copytree(pathlib.Path(subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True,
                                                 text=True).stdout.strip()), base / "gomod",
                     symlinks=True)
-    for sub in ("config", "logs", "gcodes", "database"):
+    for sub in ("config", "logs", "gcodes", "database", "tmp"):
         (h.data / sub).mkdir(parents=True)
     h.port = __import__("stack").free_port()
     h.moonraker_conf = (

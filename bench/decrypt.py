@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
@@ -28,14 +28,11 @@ MiB = 1 << 20
 
 
 def load_client():
-    """The component's helper client, without Moonraker (it needs msgpack only)."""
-    src = (ROOT / "moonraker-component" / "encrypted_print.py").read_text()
-    src = src.split("# The Moonraker component")[0].replace(
-        "from ..common import RequestType\n", "")
-    spec = importlib.util.spec_from_loader("encprint_client", loader=None)
-    mod = importlib.util.module_from_spec(spec)
-    exec(compile(src, "encrypted_print.py", "exec"), mod.__dict__)
-    return mod
+    """The component's helper client, imported the way Moonraker imports it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from stack import install_plugins
+    install_plugins()
+    return importlib.import_module("moonraker.components.encrypted_print")
 
 
 def child_peak_kib(argv: list) -> tuple:
@@ -68,7 +65,7 @@ def main() -> int:
     # The helper's peak RSS: a wrapper makes it the only child of a runner.
     runner = work / "one_decrypt.py"
     runner.write_text(
-        "import asyncio,sys,importlib.util\n"
+        "import asyncio,sys\n"
         f"sys.path.insert(0,{str(ROOT / 'bench')!r})\n"
         "import decrypt as b\n"
         "ep=b.load_client()\n"

@@ -224,7 +224,7 @@ class _Channel:
         return msg, (fds[0] if fds else None)
 
     async def send_message(self, msg: Dict[str, Any]) -> None:
-        body = msgpack.packb(msg, use_bin_type=True)
+        body = frame(msg)
         data = struct.pack(">I", len(body)) + body
         for i in range(0, len(data), MAX_RECORD):
             await self.loop.sock_sendall(self.sock, data[i:i + MAX_RECORD])

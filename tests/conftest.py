@@ -43,7 +43,7 @@ def plain_stack(request, tmp_path) -> Iterator[Stack]:
 import os  # noqa: E402
 import subprocess  # noqa: E402
 
-from stack import ROOT, install_plugins  # noqa: E402
+from stack import ROOT, install_plugins, regular_files  # noqa: E402
 
 BIN = ROOT / "bin"
 
@@ -117,14 +117,11 @@ def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
     roots = [tmp_path_factory.getbasetemp(), pathlib.Path(tempfile.gettempdir()),
              pathlib.Path("/dev/shm")]
     found = []
-    for root in roots:
-        for p in root.rglob("*"):
-            try:
-                if not p.is_file() or p.is_symlink() or p.stat().st_size > 64 << 20:
-                    continue
-                hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
-            except OSError:
-                continue
-            if hits:
-                found.append(f"{p}: {sorted(hits)[:2]}")
+    for p in regular_files(*roots):
+        try:
+            hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
+        except OSError:
+            continue
+        if hits:
+            found.append(f"{p}: {sorted(hits)[:2]}")
     assert not found, "cleartext of encrypted files found on disk:\n" + "\n".join(found)

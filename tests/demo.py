@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from gcodegen import new_canary, sample_gcode  # noqa: E402
-from stack import ROOT, Stack, wait_for  # noqa: E402
+from stack import ROOT, Stack, files_holding, wait_for  # noqa: E402
 
 TTY = sys.stdout.isatty()
 
@@ -41,15 +41,7 @@ def encprint(*args: str, input: bytes = None) -> bytes:
 
 
 def scan(root: pathlib.Path, canary: bytes) -> list:
-    found = []
-    for base in (root, pathlib.Path(tempfile.gettempdir())):
-        for p in base.rglob("*"):
-            try:
-                if p.is_file() and not p.is_symlink() and canary in p.read_bytes():
-                    found.append(str(p))
-            except OSError:
-                continue
-    return found
+    return files_holding([canary], root, pathlib.Path(tempfile.gettempdir()))
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -61,6 +62,34 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
     raise StackError(f"timed out after {timeout}s waiting for {what}"
                      + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def regular_files(*roots: pathlib.Path, max_size: int = 64 << 20):
+    """Every regular file (no symlinks) under roots, skipping what vanishes
+    or cannot be read while the walk runs (other processes use /tmp too)."""
+    for root in roots:
+        for dirpath, _, names in os.walk(root, onerror=lambda e: None):
+            for name in names:
+                p = pathlib.Path(dirpath) / name
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_size <= max_size:
+                    yield p
+
+
+def files_holding(needles, *roots: pathlib.Path) -> List[str]:
+    """The files under roots that contain any of the byte strings needles."""
+    found = []
+    for p in regular_files(*roots):
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        if any(n in data for n in needles):
+            found.append(str(p))
+    return found
 
 
 def tail(path: pathlib.Path, lines: int = 40) -> str:

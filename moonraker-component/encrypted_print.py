@@ -5,6 +5,16 @@
 # and prints them: a helper process decrypts into a sealed memfd that Klipper's
 # [encrypted_file_bridge] opens through /proc. See docs/ and proto/PROTOCOL.md.
 #
+# The parts, one concern each, wired together by EncryptedPrint:
+#   HelperClient       runs encprint-helper for one operation (the protocol)
+#   DecryptedFile      the sealed memfd this process holds during a print
+#   TrustPolicy        may an authenticated file print here, now?
+#   JobRecords         print counts and the audit trail in Moonraker's database
+#   Diagnostics        start-up checks, each problem one warning in the UI
+#   MetadataPublisher  metadata and thumbnails of uploaded encrypted files
+#   JobTracker         the print's lifetime: the memfd is held until it ends
+#   PrintStarter       every start path: check, decrypt, register, start
+#
 # This file may be distributed under the terms of the GNU GPLv3 license.
 from __future__ import annotations
 
@@ -22,26 +32,60 @@ import socket
 import stat
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from ..common import RequestType
 
 if TYPE_CHECKING:
     from ..common import UserInfo, WebRequest
     from ..confighelper import ConfigHelper
+    from ..server import Server
+    from .database import NamespaceWrapper
+    from .file_manager.file_manager import FileManager, MetadataStorage
+    from .klippy_apis import KlippyAPI
+    from .klippy_connection import KlippyConnection
 
 try:
     import msgpack
 except ImportError:  # reported by the component as a warning, not a crash
     msgpack = None
 
+# -- the contract with the helper and the Klipper extra -----------------------
+# Every value here is in proto/contract.json; tests/test_contract.py fails when
+# one differs.
 PROTOCOL_VERSION = 1
-MAGIC = b"age-encryption.org/v1\n"
-ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
-MAX_RECORD = 65536
-MAX_MESSAGE = 16 << 20
-ALL_SEALS = 0x1 | 0x2 | 0x4 | 0x8  # F_SEAL_SEAL|SHRINK|GROW|WRITE
-F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+AGE_MAGIC = b"age-encryption.org/v1\n"
+AGE_ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
+LENGTH_PREFIX = 4            # bytes of the message length, in the first record
+MAX_RECORD = 65536           # largest record, length prefix included
+MAX_MESSAGE = 16 << 20       # largest message body
+F_GET_SEALS = 1034
+REQUIRED_SEALS = 0x1 | 0x2 | 0x4 | 0x8  # F_SEAL_SEAL|SHRINK|GROW|WRITE
+MEMFD_TOKEN_PREFIX = "encprint-"
+MEMFD_LINK = "/memfd:{token} (deleted)"
+BRIDGE_OBJECT = "encrypted_file_bridge"
+REGISTER_COMMAND = "REGISTER_ENCRYPTED_FILE"
+REGISTER_PARAMS = ("FILENAME", "PID", "FD", "SIZE", "TOKEN")
+UNREGISTER_COMMAND = "UNREGISTER_ENCRYPTED_FILE"
+REMOTE_METHOD = "encrypted_print_prepare"
+PUBLISHER_KEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
+# Codes of errors raised here rather than sent by the helper.
+CLIENT_ERROR_CODES = ("helper_missing", "helper_timeout", "helper_protocol",
+                      "mlock_failed")
+ALL_SEALS = REQUIRED_SEALS  # the name the tests and benchmarks know
+
+# -- this component's own names ------------------------------------------------
+COUNTS_NAMESPACE = "encrypted_print"     # print counts per file id
+JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
+DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
+# Klipper's extended G-code parser stops at these; a name holding one cannot
+# be sent in SDCARD_PRINT_FILE or REGISTER_ENCRYPTED_FILE.
+UNSENDABLE = re.compile(r"[\x00-\x1f\x7f;#*]")
+GCODE_UNSAFE = re.compile(r"[\x00-\x1f\x7f;#*\"]")
+FINISHED_STATES = ("complete", "cancelled", "error")
+# Tornado replaces an HTTP reason phrase holding anything else (or a '<') by
+# "Unknown", and Moonraker sends that phrase as the error message.
+_REASON_OK = re.compile(r"[\t !-;=-~\x80-\xff]")
 
 
 def is_encrypted_file(path: str) -> bool:
@@ -49,20 +93,57 @@ def is_encrypted_file(path: str) -> bool:
     age (which must be refused with a reason, not printed as G-code)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(len(ARMOR))
+            head = f.read(len(AGE_ARMOR))
     except OSError:
         return False
-    return head.startswith(MAGIC) or head == ARMOR
+    return head.startswith(AGE_MAGIC) or head == AGE_ARMOR
+
+
+def register_line(filename: str, pid: int, fd: int, size: int, token: str) -> str:
+    """The REGISTER_ENCRYPTED_FILE command for a memfd this process holds."""
+    values = (f'"{gcode_quote(filename)}"', pid, fd, size, token)
+    args = " ".join(f"{k}={v}" for k, v in zip(REGISTER_PARAMS, values))
+    return f"{REGISTER_COMMAND} {args}"
+
+
+def gcode_quote(name: str) -> str:
+    """A file name inside a double-quoted G-code parameter."""
+    return name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def http_safe(msg: str) -> str:
+    """msg with every character an HTTP reason phrase cannot carry written as
+    a Python escape, so that the text survives Moonraker's HTTP errors."""
+    return "".join(c if _REASON_OK.fullmatch(c) else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                    f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                   for c in msg)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 class HelperError(Exception):
-    """An operation failed; ``code`` is a protocol error code."""
+    """An operation failed. ``code`` is one of the helper's error codes
+    (proto/PROTOCOL.md) or, for failures seen on this side of the socket, one
+    of CLIENT_ERROR_CODES."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
 
+
+def _close_all(fds: List[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- the decrypted file --------------------------------------------------------
 
 _libc: Any = None
 
@@ -78,6 +159,25 @@ def _c() -> Any:
         lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc = lib
     return _libc
+
+
+def check_memfd(fd: int, token: str, size: int) -> None:
+    """Raise HelperError unless fd is the sealed memfd the helper announced."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        if link != MEMFD_LINK.format(token=token):
+            raise HelperError("helper_protocol", f"the helper sent {link!r}, "
+                              f"not the memfd {token}")
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+        st = os.fstat(fd)
+    except OSError as e:
+        raise HelperError("helper_protocol", f"cannot check the received file: {e}") from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise HelperError("helper_protocol", f"the received memfd is not sealed "
+                          f"(seals {seals:#x})")
+    if st.st_size != size:
+        raise HelperError("helper_protocol", f"the received memfd has {st.st_size} "
+                          f"bytes, the helper announced {size}")
 
 
 class DecryptedFile:
@@ -128,106 +228,10 @@ class DecryptedFile:
             os.close(self.fd)
             self.fd = -1
 
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
 
+# -- the helper protocol (proto/PROTOCOL.md) ------------------------------------
 
-def _close_all(fds: List[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-class _Channel:
-    """Records of a non-blocking SOCK_SEQPACKET socket, read through the loop."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-
-    async def recv_record(self) -> Tuple[bytes, List[int]]:
-        fut: asyncio.Future = self.loop.create_future()
-        fileno = self.sock.fileno()
-
-        def on_readable() -> None:
-            if fut.done():
-                return
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(
-                    MAX_RECORD, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                fut.set_exception(HelperError("internal", f"reading from the helper: {e}"))
-                return
-            fds: List[int] = []
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    n = len(cdata) // 4
-                    fds.extend(array.array("i", cdata[:n * 4]))
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                _close_all(fds)
-                fut.set_exception(HelperError(
-                    "internal", "the helper sent a truncated record or more "
-                    "descriptors than allowed; all were closed"))
-                return
-            fut.set_result((data, fds))
-
-        self.loop.add_reader(fileno, on_readable)
-        try:
-            return await fut
-        finally:
-            self.loop.remove_reader(fileno)
-
-    async def recv_message(self) -> Tuple[Dict[str, Any], Optional[int]]:
-        data, fds = await self.recv_record()
-        try:
-            if not data:
-                raise HelperError("internal", "the helper closed the connection "
-                                  "without answering (it crashed or was killed)")
-            if len(data) < 4:
-                raise HelperError("internal", "the helper sent a record too short "
-                                  "for a message")
-            want = struct.unpack(">I", data[:4])[0]
-            if want > MAX_MESSAGE:
-                raise HelperError("internal", f"the helper announced a {want}-byte "
-                                  "message, over the protocol's limit")
-            body = bytearray(data[4:])
-            while len(body) < want:
-                more, extra = await self.recv_record()
-                if extra:
-                    _close_all(extra)
-                    raise HelperError("internal", "the helper attached a descriptor "
-                                      "to a continuation record")
-                if not more:
-                    raise HelperError("internal", "the helper closed the connection "
-                                      "in the middle of a message")
-                body += more
-            if len(body) != want:
-                raise HelperError("internal", "the helper's message is longer than "
-                                  "its length prefix")
-            if len(fds) > 1:
-                raise HelperError("internal", f"the helper sent {len(fds)} descriptors; "
-                                  "all were closed")
-            try:
-                msg = msgpack.unpackb(bytes(body), raw=False)
-            except Exception as e:  # noqa: BLE001 - any decode failure is garbage
-                raise HelperError("internal", f"the helper sent garbage: {e}") from None
-            if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-                raise HelperError("internal", "the helper sent a message without a type")
-        except BaseException:
-            _close_all(fds)
-            raise
-        return msg, (fds[0] if fds else None)
-
-    async def send_message(self, msg: Dict[str, Any]) -> None:
-        body = frame(msg)
-        data = struct.pack(">I", len(body)) + body
-        for i in range(0, len(data), MAX_RECORD):
-            await self.loop.sock_sendall(self.sock, data[i:i + MAX_RECORD])
+Reply = Tuple[Dict[str, Any], Optional[int]]  # a message and the fd it carried
 
 
 def frame(msg: Dict[str, Any]) -> bytes:
@@ -235,21 +239,105 @@ def frame(msg: Dict[str, Any]) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-def check_memfd(fd: int, name: str, size: int) -> None:
-    """Raise HelperError unless fd is the sealed memfd the helper announced."""
-    try:
-        link = os.readlink(f"/proc/self/fd/{fd}")
-        if link != f"/memfd:{name} (deleted)":
-            raise HelperError("internal", f"the helper sent {link!r}, not the memfd {name}")
-        seals = fcntl.fcntl(fd, F_GET_SEALS)
-        st = os.fstat(fd)
-    except OSError as e:
-        raise HelperError("internal", f"cannot check the received file: {e}") from None
-    if seals & ALL_SEALS != ALL_SEALS:
-        raise HelperError("internal", f"the received memfd is not sealed (seals {seals:#x})")
-    if st.st_size != size:
-        raise HelperError("internal", f"the received memfd has {st.st_size} bytes, "
-                          f"the helper announced {size}")
+def _protocol_error(msg: str) -> HelperError:
+    return HelperError("helper_protocol", msg)
+
+
+class _Channel:
+    """Messages over a non-blocking SOCK_SEQPACKET socket, read through the
+    loop. Every descriptor received is closed on every error path."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    def _read_record(self) -> Tuple[bytes, List[int]]:
+        data, anc, flags, _ = self.sock.recvmsg(
+            MAX_RECORD, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        fds: List[int] = []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", cdata[:len(cdata) // 4 * 4]))
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            _close_all(fds)
+            raise _protocol_error("the helper sent a truncated record or more "
+                                  "descriptors than allowed; all were closed")
+        return data, fds
+
+    async def recv_record(self) -> Tuple[bytes, List[int]]:
+        fut: asyncio.Future = self.loop.create_future()
+
+        def on_readable() -> None:
+            if fut.done():
+                return
+            try:
+                fut.set_result(self._read_record())
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionResetError:
+                # The helper exited with unread data on its side (e.g. it
+                # refused our request before reading all of it): its end.
+                fut.set_result((b"", []))
+            except HelperError as e:
+                fut.set_exception(e)
+            except OSError as e:
+                fut.set_exception(_protocol_error(f"reading from the helper: {e}"))
+
+        fileno = self.sock.fileno()
+        self.loop.add_reader(fileno, on_readable)
+        try:
+            return await fut
+        finally:
+            self.loop.remove_reader(fileno)
+
+    async def recv_message(self) -> Reply:
+        data, fds = await self.recv_record()
+        try:
+            msg = await self._assemble(data)
+            if len(fds) > 1:
+                raise _protocol_error(f"the helper sent {len(fds)} descriptors; "
+                                      "all were closed")
+        except BaseException:
+            _close_all(fds)
+            raise
+        return msg, (fds[0] if fds else None)
+
+    async def _assemble(self, first: bytes) -> Dict[str, Any]:
+        if not first:
+            raise _protocol_error("the helper closed the connection without "
+                                  "answering (it crashed or was killed)")
+        if len(first) < LENGTH_PREFIX:
+            raise _protocol_error("the helper sent a record too short for a message")
+        want = struct.unpack(">I", first[:LENGTH_PREFIX])[0]
+        if want > MAX_MESSAGE:
+            raise _protocol_error(f"the helper announced a {want}-byte message, "
+                                  "over the protocol's limit")
+        body = bytearray(first[LENGTH_PREFIX:])
+        while len(body) < want:
+            more, extra = await self.recv_record()
+            if extra:
+                _close_all(extra)
+                raise _protocol_error("the helper attached a descriptor to a "
+                                      "continuation record")
+            if not more:
+                raise _protocol_error("the helper closed the connection in the "
+                                      "middle of a message")
+            body += more
+        if len(body) != want:
+            raise _protocol_error("the helper's message is longer than its length prefix")
+        try:
+            msg = msgpack.unpackb(bytes(body), raw=False)
+        except Exception as e:  # noqa: BLE001 - any decode failure is garbage
+            raise _protocol_error(f"the helper sent garbage: {e}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise _protocol_error("the helper sent a message without a type")
+        return msg
+
+    async def send_message(self, msg: Dict[str, Any]) -> None:
+        body = frame(msg)
+        data = struct.pack(">I", len(body)) + body
+        for i in range(0, len(data), MAX_RECORD):
+            await self.loop.sock_sendall(self.sock, data[i:i + MAX_RECORD])
 
 
 class HelperClient:
@@ -268,22 +356,20 @@ class HelperClient:
         self.hello_timeout = hello_timeout
         self.last_stderr = ""
         self.helper_version = ""
-        self.pid: Optional[int] = None  # of the running helper, if any
 
     async def version(self) -> Tuple[int, str]:
         """The helper's protocol and build version, from its hello."""
-        proto, ver, _ = await self._run(None, None, self.hello_timeout)
-        return proto, ver
+        hello, _ = await self._run(None, None, self.hello_timeout)
+        return hello["protocol"], self.helper_version
 
     async def recipient(self) -> str:
         """The printer's public recipient; only the helper reads the identity."""
-        _, _, (res, _) = await self._run(
-            self._request("recipient", "/", "/"), None, self.inspect_timeout)
+        res, _ = await self._run(self._request("recipient"), None, self.inspect_timeout)
         return str(res["recipient"])
 
     async def inspect(self, path: str, root: str) -> Dict[str, Any]:
-        _, _, (res, _) = await self._run(
-            self._request("inspect", path, root), None, self.inspect_timeout)
+        res, _ = await self._run(self._request("inspect", path, root), None,
+                                 self.inspect_timeout)
         return res
 
     async def decrypt(self, path: str, root: str, max_bytes: int = 0,
@@ -291,114 +377,109 @@ class HelperClient:
                       ) -> DecryptedFile:
         req = self._request("decrypt", path, root)
         req["max_bytes"] = max_bytes
-        req["memfd_name"] = "encprint-" + secrets.token_hex(8)
-        _, _, (res, fd) = await self._run(req, progress, self.decrypt_timeout)
+        req["memfd_name"] = MEMFD_TOKEN_PREFIX + secrets.token_hex(8)
+        res, fd = await self._run(req, progress, self.decrypt_timeout)
         if fd is None:
-            raise HelperError("internal", "the helper's decrypt result came without "
-                              "the memfd")
+            raise _protocol_error("the helper's decrypt result came without the memfd")
         try:
             if res.get("memfd_name") != req["memfd_name"]:
-                raise HelperError("internal", "the helper answered with another memfd name")
+                raise _protocol_error("the helper answered with another memfd name")
             check_memfd(fd, req["memfd_name"], res["size"])
             return DecryptedFile(fd, res)
         except BaseException:
             os.close(fd)
             raise
 
-    def _request(self, op: str, path: str, root: str) -> Dict[str, Any]:
-        return {"type": "request", "protocol": PROTOCOL_VERSION, "op": op,
-                "path": os.path.abspath(path), "root": os.path.abspath(root),
-                "identity": self.identity_path, "max_bytes": 0, "memfd_name": ""}
+    def _request(self, op: str, path: str = "", root: str = "") -> Dict[str, Any]:
+        req: Dict[str, Any] = {"type": "request", "protocol": PROTOCOL_VERSION, "op": op}
+        if path:
+            req.update(path=os.path.abspath(path), root=os.path.abspath(root))
+        req["identity"] = self.identity_path
+        return req
 
     async def _run(self, request: Optional[Dict[str, Any]],
                    progress: Optional[Callable[[int, int], None]],
-                   timeout: float) -> Tuple[int, str, Tuple[Dict[str, Any], Optional[int]]]:
+                   timeout: float) -> Reply:
+        """One helper process: hello, then (unless request is None) the
+        request and its answer. Returns the hello for None."""
         if msgpack is None:
-            raise HelperError("internal", "the Python package msgpack is missing in "
-                              "Moonraker's virtualenv: run ~/moonraker-env/bin/pip "
+            raise HelperError("helper_missing", "the Python package msgpack is missing "
+                              "in Moonraker's virtualenv: run ~/moonraker-env/bin/pip "
                               "install msgpack")
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        proc: Optional[asyncio.subprocess.Process] = None
-        fd: Optional[int] = None
+        parent, proc = await self._spawn()
         try:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    self.helper_path, "--socket-fd", str(child.fileno()),
-                    pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE)
-            except OSError as e:
-                raise HelperError("helper_missing", f"cannot start the helper "
-                                  f"{self.helper_path}: {e.strerror}") from None
-            finally:
-                child.close()
-            self.pid = proc.pid
-            parent.setblocking(False)
             chan = _Channel(parent)
-            try:
-                hello, extra = await asyncio.wait_for(chan.recv_message(), self.hello_timeout)
-            except asyncio.TimeoutError:
-                raise HelperError("helper_timeout", f"the helper did not say hello within "
-                                  f"{self.hello_timeout:g}s") from None
-            if extra is not None:
-                os.close(extra)
-                raise HelperError("internal", "the helper attached a descriptor to its hello")
-            if hello.get("type") != "hello" or not isinstance(hello.get("protocol"), int):
-                raise HelperError("internal", "the helper did not start with a hello")
-            self.helper_version = str(hello.get("version", "?"))
-            if hello["protocol"] != PROTOCOL_VERSION:
-                raise HelperError(
-                    "protocol_mismatch",
-                    f"the helper {self.helper_path} (version {self.helper_version}) speaks "
-                    f"protocol {hello['protocol']} but this component speaks "
-                    f"{PROTOCOL_VERSION} (updated without rebuilding the helper?): "
-                    f"{self.rebuild_hint}")
+            hello = await self._hello(chan)
             if request is None:
-                return hello["protocol"], self.helper_version, ({}, None)
+                return hello, None
             await chan.send_message(request)
-
-            async def answer() -> Tuple[Dict[str, Any], Optional[int]]:
-                while True:
-                    msg, got = await chan.recv_message()
-                    kind = msg["type"]
-                    if kind == "progress":
-                        if got is not None:
-                            os.close(got)
-                            raise HelperError("internal", "descriptor on a progress message")
-                        if progress is not None:
-                            progress(int(msg.get("done", 0)), int(msg.get("total", 0)))
-                        continue
-                    if kind == "error":
-                        if got is not None:
-                            os.close(got)
-                        raise HelperError(str(msg.get("code", "internal")),
-                                          str(msg.get("message", "unknown error")))
-                    if kind == "result" and msg.get("op") == request["op"]:
-                        if got is not None and request["op"] != "decrypt":
-                            os.close(got)
-                            raise HelperError("internal", "descriptor on an inspect result")
-                        return msg, got
-                    if got is not None:
-                        os.close(got)
-                    raise HelperError("internal", f"unexpected {kind!r} message from the helper")
-
             try:
-                res, fd = await asyncio.wait_for(answer(), timeout)
+                return await asyncio.wait_for(
+                    self._answer(chan, request["op"], progress), timeout)
             except asyncio.TimeoutError:
                 raise HelperError("helper_timeout", f"the helper did not finish "
                                   f"{request['op']} within {timeout:g}s; it was stopped"
                                   ) from None
-            got_fd, fd = fd, None
-            return PROTOCOL_VERSION, self.helper_version, (res, got_fd)
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
         finally:
             parent.close()
-            if proc is not None:
-                await self._reap(proc)
-            self.pid = None
+            await self._reap(proc)
+
+    async def _spawn(self) -> Tuple[socket.socket, asyncio.subprocess.Process]:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.helper_path, "--socket-fd", str(child.fileno()),
+                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            parent.close()
+            raise HelperError("helper_missing", f"cannot start the helper "
+                              f"{self.helper_path}: {e.strerror}") from None
+        finally:
+            child.close()  # the helper's exit now reads as end-of-file
+        parent.setblocking(False)
+        return parent, proc
+
+    async def _hello(self, chan: _Channel) -> Dict[str, Any]:
+        try:
+            hello, extra = await asyncio.wait_for(chan.recv_message(), self.hello_timeout)
+        except asyncio.TimeoutError:
+            raise HelperError("helper_timeout", f"the helper did not say hello within "
+                              f"{self.hello_timeout:g}s") from None
+        if extra is not None:
+            os.close(extra)
+            raise _protocol_error("the helper attached a descriptor to its hello")
+        if hello.get("type") != "hello" or not isinstance(hello.get("protocol"), int):
+            raise _protocol_error("the helper did not start with a hello")
+        self.helper_version = str(hello.get("version", "?"))
+        if hello["protocol"] != PROTOCOL_VERSION:
+            raise HelperError(
+                "protocol_mismatch",
+                f"the helper {self.helper_path} (version {self.helper_version}) speaks "
+                f"protocol {hello['protocol']} but this component speaks "
+                f"{PROTOCOL_VERSION} (updated without rebuilding the helper?): "
+                f"{self.rebuild_hint}")
+        return hello
+
+    async def _answer(self, chan: _Channel, op: str,
+                      progress: Optional[Callable[[int, int], None]]) -> Reply:
+        """Progress messages until the result or error of op."""
+        while True:
+            msg, fd = await chan.recv_message()
+            kind = msg["type"]
+            if kind == "result" and msg.get("op") == op and (fd is None or op == "decrypt"):
+                return msg, fd
+            if fd is not None:
+                os.close(fd)
+            if kind == "progress" and fd is None:
+                if progress is not None:
+                    progress(int(msg.get("done", 0)), int(msg.get("total", 0)))
+                continue
+            if kind == "error":
+                raise HelperError(str(msg.get("code", "internal")),
+                                  str(msg.get("message", "unknown error")))
+            raise _protocol_error(f"unexpected {kind!r} message from the helper"
+                                  + (" with a descriptor" if fd is not None else ""))
 
     async def _reap(self, proc: asyncio.subprocess.Process) -> None:
         if proc.returncode is None:
@@ -414,103 +495,98 @@ class HelperClient:
                 logging.info(f"encrypted_print: helper said: {self.last_stderr}")
 
 
-# --------------------------------------------------------------------------
-# The Moonraker component
-# --------------------------------------------------------------------------
-
-NAMESPACE = "encrypted_print"            # print counts per file id
-JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
-REMOTE_METHOD = "encrypted_print_prepare"
-BRIDGE_OBJECT = "encrypted_file_bridge"
-DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
-PUBKEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
-# Klipper's extended G-code parser stops at these; a name holding one cannot
-# be sent in SDCARD_PRINT_FILE or REGISTER_ENCRYPTED_FILE.
-UNSENDABLE = re.compile(r"[\x00-\x1f\x7f;#*]")
-GCODE_UNSAFE = re.compile(r"[\x00-\x1f\x7f;#*\"]")
-FINISHED_STATES = ("complete", "cancelled", "error")
-
+# -- policy ---------------------------------------------------------------------
 
 class PrintRefused(Exception):
     """A print start was refused; the message is for the user."""
 
-
-class ActiveJob:
-    def __init__(self, filename: str, df: DecryptedFile, record_id: str,
-                 record: Dict[str, Any]) -> None:
-        self.filename = filename
-        self.df = df
-        self.record_id = record_id
-        self.record = record
-        self.seen_running = False
-        self.wake = asyncio.Event()
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-class EncryptedPrint:
+class TrustPolicy:
+    """Whether an authenticated file may print here now: moonraker.conf's
+    publisher trust and the print count. The helper decides the time window
+    (its inspect answers reason_code not_yet_valid or expired)."""
+
     def __init__(self, config: ConfigHelper) -> None:
-        self.server = config.get_server()
-        self.eventloop = self.server.get_event_loop()
-        repo = pathlib.Path(os.path.realpath(__file__)).parent.parent
-        self.helper_path = os.path.expanduser(
-            config.get("helper", str(repo / "bin" / "encprint-helper")))
-        self.identity_path = os.path.expanduser(config.get("identity", DEFAULT_IDENTITY))
-        self.max_memory = config.getint("max_memory", 0, minval=0) * 1024 * 1024
-        self.swap_protection = config.getchoice(
-            "swap_protection", ["none", "refuse_disk_swap", "mlock"], "none")
         self.trusted: List[str] = config.getlist("trusted_publishers", [])
         for key in self.trusted:
-            if not PUBKEY_RE.match(key):
+            if not PUBLISHER_KEY_RE.match(key):
                 raise config.error(
                     f"[encrypted_print] trusted_publishers: {key!r} is not a publisher "
                     "key (encprint-pub:..., as printed by `encprint sign-keygen`)")
         self.require_signature = config.getboolean("require_signature", False)
-        # Moonraker's requests to Klipper have no timeout of their own.
-        self.klipper_timeout = config.getfloat("klipper_timeout", 30., above=0.)
-        self.client = HelperClient(
-            self.helper_path, self.identity_path,
-            inspect_timeout=config.getfloat("inspect_timeout", 20., above=0.),
-            decrypt_timeout=config.getfloat("decrypt_timeout", 600., above=0.),
-            rebuild_hint=f"run {repo / 'install.sh'}")
-        self.file_manager = self.server.lookup_component("file_manager")
-        self.mdst = self.file_manager.get_metadata_storage()
-        self.kapis = self.server.lookup_component("klippy_apis")
-        database = self.server.lookup_component("database")
-        self.counts = database.register_local_namespace(NAMESPACE, forbidden=True)
-        self.jobs = database.register_local_namespace(JOBS_NAMESPACE, forbidden=True)
-        self.active: Optional[ActiveJob] = None
-        self.start_lock = asyncio.Lock()
-        self.bridge_loaded = False
-        self.ready = False  # klippy_ready checks done, print_stats subscribed
-        self.recipient = ""
-        self.helper_version = ""
+
+    def refusal(self, fname: str, res: Dict[str, Any],
+                used: Optional[int]) -> Optional[str]:
+        """Why the inspected file res may not print, or None. used is the
+        count of prints so far (None: not checked, e.g. on upload)."""
+        if res.get("reason"):
+            return str(res["reason"])
+        publisher = res.get("publisher")
+        if publisher and not res.get("signature_valid"):
+            return f"{fname} carries an invalid publisher signature: it was altered"
+        if self.require_signature and not publisher:
+            return (f"{fname} is not signed, and this printer only prints files signed "
+                    "by a trusted publisher")
+        if publisher and self.trusted and publisher not in self.trusted:
+            return (f"{fname} is signed by {publisher}, which is not among this "
+                    "printer's trusted_publishers")
+        limit = (res.get("policy") or {}).get("max_prints", 0)
+        if limit and used is not None and used >= limit:
+            if limit == 1:
+                return f"{fname} may be printed only once, and it has been printed already"
+            return (f"{fname} may be printed {limit} times, and all {limit} prints have "
+                    "been used on this printer")
+        return None
+
+
+class JobRecords:
+    """Print counts per file id and the audit record of each encrypted job,
+    in Moonraker's database (namespaces clients cannot write)."""
+
+    def __init__(self, server: Server) -> None:
+        database = server.lookup_component("database")
+        self.counts: NamespaceWrapper = database.register_local_namespace(
+            COUNTS_NAMESPACE, forbidden=True)
+        self.jobs: NamespaceWrapper = database.register_local_namespace(
+            JOBS_NAMESPACE, forbidden=True)
+
+    async def used(self, file_id_hex: str) -> int:
+        return int(await self.counts.get(file_id_hex, 0))
+
+    async def count_print(self, file_id_hex: str) -> int:
+        count = await self.used(file_id_hex) + 1
+        self.counts[file_id_hex] = count
+        return count
+
+    def save(self, record_id: str, record: Dict[str, Any]) -> None:
+        self.jobs[record_id] = record
+
+    async def newest_first(self) -> List[Dict[str, Any]]:
+        rows = [(str(k), v) for k, v in await self.jobs.items()]
+        rows.sort(key=lambda kv: kv[0], reverse=True)
+        return [dict(v, id=k) for k, v in rows]
+
+
+# -- start-up checks ------------------------------------------------------------
+
+class Diagnostics:
+    """What stops encrypted printing on this printer, each problem shown once
+    in the UI's warning list and kept until it is fixed."""
+
+    BLOCKING = ("msgpack", "helper", "identity", "uid")
+
+    def __init__(self, server: Server, client: HelperClient) -> None:
+        self.server = server
+        self.client = client
         self.problems: Dict[str, str] = {}
-        self.decrypting: Optional[Dict[str, Any]] = None
-        # Every start path of Moonraker goes through klippy_apis.start_print
-        # (print button, reprint, upload print=true, job queue, OctoPrint).
-        self._orig_start_print = self.kapis.start_print
-        self.kapis.start_print = self._start_print
-        self.server.register_event_handler(
-            "file_manager:metadata_processed", self._on_metadata_processed)
-        self.server.register_event_handler("server:klippy_ready", self._on_klippy_ready)
-        self.server.register_event_handler(
-            "server:klippy_disconnect", self._on_klippy_gone)
-        self.server.register_event_handler(
-            "server:klippy_shutdown", self._on_klippy_shutdown)
-        self.server.register_remote_method(REMOTE_METHOD, self._on_remote_prepare)
-        self.server.register_notification("encrypted_print:progress",
-                                          "encrypted_print_progress")
-        self.server.register_notification("encrypted_print:error",
-                                          "encrypted_print_error")
-        self.server.register_endpoint(
-            "/server/encrypted_print/status", RequestType.GET, self._handle_status)
-        self.server.register_endpoint(
-            "/server/encrypted_print/recipient", RequestType.GET, self._handle_recipient)
-        self.server.register_endpoint(
-            "/server/encrypted_print/jobs", RequestType.GET, self._handle_jobs)
+        self.bridge_loaded = False
+        self.recipient = ""
 
-    # -- start-up checks; each problem is one warning in Moonraker's list --
-
-    def _problem(self, key: str, msg: Optional[str]) -> None:
+    def set(self, key: str, msg: Optional[str]) -> None:
         warn_id = f"encrypted_print_{key}"
         if msg is None:
             if self.problems.pop(key, None) is not None:
@@ -520,34 +596,40 @@ class EncryptedPrint:
         logging.warning(f"encrypted_print: {msg}")
         self.server.add_warning(f"[encrypted_print]: {msg}", warn_id)
 
-    async def component_init(self) -> None:
+    def blocking(self) -> Optional[str]:
+        for key in self.BLOCKING:
+            if key in self.problems:
+                return self.problems[key]
+        return None
+
+    async def check_install(self, mdst: MetadataStorage) -> None:
         if msgpack is None:
-            self._problem("msgpack", "the Python package msgpack is missing in Moonraker's "
-                          "virtualenv; run `~/moonraker-env/bin/pip install msgpack` "
-                          "(install.sh does this)")
+            self.set("msgpack", "the Python package msgpack is missing in Moonraker's "
+                     "virtualenv; run `~/moonraker-env/bin/pip install msgpack` "
+                     "(install.sh does this)")
             return
-        self._problem("identity", self._identity_problem())
+        self.set("identity", self._identity_problem())
         try:
-            _, self.helper_version = await self.client.version()
-            self._problem("helper", None)
+            await self.client.version()
+            self.set("helper", None)
         except HelperError as e:
-            self._problem("helper", e.message)
+            self.set("helper", e.message)
         if "identity" not in self.problems and "helper" not in self.problems:
             try:
                 self.recipient = await self.client.recipient()
             except HelperError as e:
-                self._problem("identity", e.message)
+                self.set("identity", e.message)
         analysis = self.server.lookup_component("analysis", None)
         if analysis is not None and getattr(analysis, "auto_analyze", False):
-            self._problem("analysis", "[analysis] enable_auto_analysis is on: the "
-                          "estimator cannot read encrypted files and may rewrite them; "
-                          "turn it off")
-        if getattr(self.mdst, "enable_object_proc", False):
-            self._problem("object_processing", "[file_manager] enable_object_processing "
-                          "is on: it cannot process encrypted files; turn it off")
+            self.set("analysis", "[analysis] enable_auto_analysis is on: the "
+                     "estimator cannot read encrypted files and may rewrite them; "
+                     "turn it off")
+        if getattr(mdst, "enable_object_proc", False):
+            self.set("object_processing", "[file_manager] enable_object_processing "
+                     "is on: it cannot process encrypted files; turn it off")
 
     def _identity_problem(self) -> Optional[str]:
-        path = self.identity_path
+        path = self.client.identity_path
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -565,26 +647,34 @@ class EncryptedPrint:
                     f"{stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`")
         return None
 
-    async def _on_klippy_ready(self) -> None:
-        objects = await self.kapis.get_object_list(default=[])
+    def check_klipper(self, objects: List[str]) -> None:
         self.bridge_loaded = BRIDGE_OBJECT in objects
-        self._problem("bridge", None if self.bridge_loaded else (
+        self.set("bridge", None if self.bridge_loaded else (
             "Klipper has no [encrypted_file_bridge]: add the section to printer.cfg "
             "(install.sh does this) and restart Klipper; encrypted files cannot print"))
-        kinfo = self.server.get_klippy_info()
-        uid = kinfo.get("user_id")
-        self._problem("uid", None if uid in (None, os.getuid()) else (
+        uid = self.server.get_klippy_info().get("user_id")
+        self.set("uid", None if uid in (None, os.getuid()) else (
             f"Klipper runs as uid {uid} and Moonraker as uid {os.getuid()}: Klipper "
             "can only open Moonraker's in-memory file when both run as the same user"))
-        # Our own subscription also gives job_state the updates it otherwise
-        # misses on a headless printer (see docs/development.md).
-        await self.kapis.subscribe_objects(
-            {"print_stats": ["state", "filename"]}, self._on_status, default=None)
-        self.ready = True
 
-    # -- metadata on upload --
 
-    async def _on_metadata_processed(self, fname: str) -> None:
+# -- metadata on upload ---------------------------------------------------------
+
+class MetadataPublisher:
+    """Replaces what Moonraker's parser guessed from ciphertext with the
+    file's authenticated public metadata, and writes its thumbnails."""
+
+    # Moonraker's own bookkeeping, kept from its parse of the file.
+    KEEP = ("size", "modified", "uuid", "file_processors", "print_start_time", "job_id")
+
+    def __init__(self, file_manager: FileManager, client: HelperClient,
+                 policy: TrustPolicy) -> None:
+        self.file_manager = file_manager
+        self.mdst: MetadataStorage = file_manager.get_metadata_storage()
+        self.client = client
+        self.policy = policy
+
+    async def on_metadata_processed(self, fname: str) -> None:
         path = str(self.file_manager.get_full_path("gcodes", fname))
         if not is_encrypted_file(path):
             return
@@ -594,15 +684,23 @@ class EncryptedPrint:
             res = await self.client.inspect(path, root)
         except HelperError as e:
             logging.warning(f"encrypted_print: {fname}: {e.message}")
-            self._store_metadata(fname, md, {"encrypted": True, "authenticated": False,
-                                             "reason": e.message, "reason_code": e.code})
+            self._store(fname, md, {"encrypted": True, "authenticated": False,
+                                    "reason": e.message, "reason_code": e.code})
             return
+        info = self._info(fname, res)
+        pub = res.get("metadata") or {}
+        thumbs = self._write_thumbnails(path, pub.pop("thumbnails", None) or [])
+        self._store(fname, md, info, pub, thumbs)
+
+    def _info(self, fname: str, res: Dict[str, Any]) -> Dict[str, Any]:
+        """The component's own view of the file, under metadata's
+        encrypted_print key."""
         info: Dict[str, Any] = {
             "encrypted": True,
             "authenticated": bool(res.get("authenticated")),
             "file_id": bytes(res.get("file_id") or b"").hex(),
             "recipients": res.get("recipients", 0),
-            "policy": self._policy_view(res.get("policy")),
+            "policy": self.policy_view(res.get("policy")),
             "publisher": res.get("publisher"),
             "signature_valid": bool(res.get("signature_valid")),
             "plaintext_size": res.get("plaintext_size", 0),
@@ -612,20 +710,18 @@ class EncryptedPrint:
             info["reason_code"] = res.get("reason_code", "")
             logging.warning(f"encrypted_print: {fname} is listed but cannot be printed "
                             f"here: {info['reason']}")
-        else:
-            refusal = self._policy_refusal(fname, res, count=None)
-            if refusal is not None:
-                info["reason"] = refusal
-        pub = res.get("metadata") or {}
-        thumbs = self._write_thumbnails(path, pub.pop("thumbnails", None) or [])
-        self._store_metadata(fname, md, info, pub, thumbs)
+            return info
+        refusal = self.policy.refusal(fname, res, used=None)
+        if refusal is not None:
+            info["reason"] = refusal
+            if res.get("reason_code"):
+                info["reason_code"] = res["reason_code"]
+        return info
 
-    def _store_metadata(self, fname: str, md: Dict[str, Any], info: Dict[str, Any],
-                        public: Optional[Dict[str, Any]] = None,
-                        thumbs: Optional[List[Dict[str, Any]]] = None) -> None:
-        # What Moonraker's parser guessed from ciphertext is meaningless.
-        keep = {k: md[k] for k in ("size", "modified", "uuid", "file_processors",
-                                   "print_start_time", "job_id") if k in md}
+    def _store(self, fname: str, md: Dict[str, Any], info: Dict[str, Any],
+               public: Optional[Dict[str, Any]] = None,
+               thumbs: Optional[List[Dict[str, Any]]] = None) -> None:
+        keep = {k: md[k] for k in self.KEEP if k in md}
         keep.update({k: v for k, v in (public or {}).items()
                      if isinstance(v, (int, float, str)) and v not in ("", 0)})
         keep.setdefault("slicer", "Unknown")
@@ -658,68 +754,223 @@ class EncryptedPrint:
         return out
 
     @staticmethod
-    def _policy_view(policy: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    def policy_view(policy: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         if not policy:
             return None
         return {"max_prints": policy.get("max_prints", 0),
                 "not_before": policy.get("not_before", 0),
                 "not_after": policy.get("not_after", 0)}
 
-    # -- policy --
 
-    def _policy_refusal(self, fname: str, res: Dict[str, Any],
-                        count: Optional[int]) -> Optional[str]:
-        pol = res.get("policy") or {}
-        now = time.time()
-        nb, na = pol.get("not_before", 0), pol.get("not_after", 0)
-        if nb and now < nb:
-            return (f"{fname} may not be printed before "
-                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(nb))}")
-        if na and now > na:
-            return (f"{fname} expired on "
-                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(na))}")
-        publisher = res.get("publisher")
-        if publisher and not res.get("signature_valid"):
-            return f"{fname} carries an invalid publisher signature: it was altered"
-        if self.require_signature and not publisher:
-            return (f"{fname} is not signed, and this printer only prints files signed "
-                    "by a trusted publisher")
-        if publisher and self.trusted and publisher not in self.trusted:
-            return (f"{fname} is signed by {publisher}, which is not among this "
-                    "printer's trusted_publishers")
-        limit = pol.get("max_prints", 0)
-        if limit and count is not None and count >= limit:
-            return (f"{fname} may be printed {limit} time(s) and all {limit} have been "
-                    "used on this printer")
-        return None
+# -- the print's lifetime -------------------------------------------------------
 
-    async def _print_count(self, file_id: bytes) -> int:
-        return int(await self.counts.get(file_id.hex(), 0))
+class ActiveJob:
+    """An encrypted print this Moonraker started: the memfd it holds and the
+    audit record it keeps."""
 
-    # -- printing --
+    def __init__(self, filename: str, df: DecryptedFile, record_id: str,
+                 record: Dict[str, Any]) -> None:
+        self.filename = filename
+        self.df = df
+        self.record_id = record_id
+        self.record = record
+        self.seen_running = False
+        self.wake = asyncio.Event()
 
-    async def _start_print(self, filename: str, wait_klippy_started: bool = False,
-                           user: Optional[UserInfo] = None) -> str:
+
+class JobTracker:
+    """Holds the memfd of the active encrypted print until the print ends,
+    and keeps its audit record true, also across Moonraker restarts."""
+
+    def __init__(self, server: Server, kapis: KlippyAPI, records: JobRecords) -> None:
+        self.server = server
+        self.eventloop = server.get_event_loop()
+        self.kapis = kapis
+        self.records = records
+        self.active: Optional[ActiveJob] = None
+
+    def begin(self, name: str, df: DecryptedFile, user: Optional[UserInfo]) -> None:
+        """The memfd df was registered with Klipper for name."""
+        record = {"filename": name, "file_id": df.file_id.hex(), "sha256": df.sha256.hex(),
+                  "size": df.size, "publisher": df.publisher,
+                  "user": getattr(user, "username", None), "start_time": None,
+                  "end_time": None, "result": "starting", "decrypt_ms": df.elapsed_ms}
+        rid = f"{time.time():017.6f}-{secrets.token_hex(3)}"
+        self.active = ActiveJob(name, df, rid, record)
+
+    async def started(self, name: str) -> None:
+        """Klipper started printing name: count it and watch it."""
+        job = self.active
+        if job is None or job.filename != name:
+            return
+        count = await self.records.count_print(job.record["file_id"])
+        job.record.update(start_time=time.time(), result="printing", print_number=count)
+        self.records.save(job.record_id, job.record)
+        self.eventloop.create_task(self._watch(job))
+
+    async def abort(self, name: str) -> None:
+        """The start of name failed after registering: release everything."""
+        job = self.active
+        if job is None or job.filename != name:
+            return
+        self.active = None
+        job.df.close()
+        await self.kapis.run_gcode(
+            f'{UNREGISTER_COMMAND} FILENAME="{gcode_quote(name)}"', default=None)
+
+    async def check(self, job: ActiveJob) -> None:
+        """Finish the job if its print has ended."""
+        ps = await self._print_stats()
+        if ps is None or self.active is not job or job.record["result"] == "starting":
+            return
+        state = ps.get("state")
+        if ps.get("filename") != job.filename:
+            self.finish("replaced")
+        elif state in FINISHED_STATES:
+            self.finish(state)
+        elif state in ("printing", "paused"):
+            job.seen_running = True
+        elif state == "standby" and job.seen_running:
+            self.finish("reset")
+
+    async def _print_stats(self) -> Optional[Dict[str, Any]]:
+        res = await self.kapis.query_objects(
+            {"print_stats": ["state", "filename"]}, default=None)
+        return (res or {}).get("print_stats") or None
+
+    async def _watch(self, job: ActiveJob) -> None:
+        """Release the memfd when the print ends. A short print can go
+        standby -> printing -> complete between two status pushes, so the
+        subscription only wakes this loop; the state is queried."""
+        while self.active is job:
+            await self.check(job)
+            try:
+                await asyncio.wait_for(job.wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            job.wake.clear()
+
+    def on_status(self, status: Dict[str, Any], eventtime: float) -> None:
+        if self.active is not None and "print_stats" in status:
+            self.active.wake.set()
+
+    def finish(self, result: str) -> None:
+        job, self.active = self.active, None
+        if job is None:
+            return
+        job.df.close()
+        job.record.update(end_time=time.time(), result=result)
+        self.records.save(job.record_id, job.record)
+        logging.info(f"encrypted_print: {job.filename} ended ({result}); "
+                     "cleartext released")
+
+    def release(self) -> None:
+        """Moonraker stops while Klipper may go on printing from its own
+        descriptor: close ours and leave the record open for reconcile()."""
+        job, self.active = self.active, None
+        if job is not None:
+            job.df.close()
+            logging.info(f"encrypted_print: Moonraker stops during {job.filename}; "
+                         "its record is completed when Moonraker is back")
+
+    def on_klippy_gone(self) -> None:
+        if self.server.is_running():
+            self.finish("klippy_disconnect")
+        else:
+            self.release()
+
+    async def reconcile(self) -> None:
+        """Complete records left open by a Moonraker restart or crash, from
+        what Klipper reports now."""
+        ps = await self._print_stats() or {}
+        for rec in await self.records.newest_first():
+            if rec.get("result") not in ("starting", "printing"):
+                continue
+            rid = rec.pop("id")
+            if ps.get("filename") == rec["filename"] and rec["result"] == "printing":
+                self.eventloop.create_task(self._follow(rid, rec))
+            else:
+                self._close_record(rid, rec, "interrupted")
+            ps = {}  # only the newest open record can match Klipper's state
+
+    async def _follow(self, rid: str, rec: Dict[str, Any]) -> None:
+        """Klipper prints on from its own descriptor of a memfd an earlier
+        Moonraker held: record how that print ends."""
+        while True:
+            ps = await self._print_stats()
+            if ps is None:  # Klipper went away: the print is over
+                return self._close_record(rid, rec, "klippy_disconnect")
+            if ps.get("filename") != rec["filename"]:
+                return self._close_record(rid, rec, "interrupted")
+            if ps.get("state") in FINISHED_STATES:
+                return self._close_record(rid, rec, ps["state"])
+            if ps.get("state") == "standby":
+                return self._close_record(rid, rec, "reset")
+            await asyncio.sleep(1.0)
+
+    def _close_record(self, rid: str, rec: Dict[str, Any], result: str) -> None:
+        rec.update(result=result, end_time=rec.get("end_time") or time.time())
+        self.records.save(rid, rec)
+        logging.info(f"encrypted_print: the record of {rec['filename']} left open "
+                     f"by a restart is now {result!r}")
+
+
+# -- starting a print -----------------------------------------------------------
+
+class PrintStarter:
+    """Every start of an encrypted file: Moonraker's (print button, reprint,
+    upload print=true, job queue, OctoPrint API, which all go through
+    klippy_apis.start_print) and Klipper's (console, macros, M23), which the
+    bridge hands over through the remote method."""
+
+    def __init__(self, config: ConfigHelper, client: HelperClient, policy: TrustPolicy,
+                 records: JobRecords, diagnostics: Diagnostics, jobs: JobTracker) -> None:
+        self.server = config.get_server()
+        self.eventloop = self.server.get_event_loop()
+        self.client = client
+        self.policy = policy
+        self.records = records
+        self.diagnostics = diagnostics
+        self.jobs = jobs
+        self.max_memory = config.getint("max_memory", 0, minval=0) * 1024 * 1024
+        self.swap_protection = config.getchoice(
+            "swap_protection", ["none", "refuse_disk_swap", "mlock"], "none")
+        # Moonraker's requests to Klipper have no timeout of their own.
+        self.klipper_timeout = config.getfloat("klipper_timeout", 30., above=0.)
+        self.file_manager: FileManager = self.server.lookup_component("file_manager")
+        self.kapis: KlippyAPI = self.server.lookup_component("klippy_apis")
+        self.kconn: KlippyConnection = self.server.lookup_component("klippy_connection")
+        self.lock = asyncio.Lock()
+        self.decrypting: Optional[Dict[str, Any]] = None
+        self._orig_start_print = self.kapis.start_print
+        self.kapis.start_print = self.start_print
+
+    # the wrapper of klippy_apis.start_print
+    async def start_print(self, filename: str, wait_klippy_started: bool = False,
+                          user: Optional[UserInfo] = None) -> str:
         name = filename[1:] if filename.startswith("/") else filename
-        path = str(self.file_manager.get_full_path("gcodes", name))
-        if not is_encrypted_file(path):
+        if not is_encrypted_file(self._path(name)):
             return await self._orig_start_print(filename, wait_klippy_started, user)
         if wait_klippy_started:
-            await self.server.lookup_component("klippy_connection").wait_started()
+            await self.kconn.wait_started()
         try:
-            await self._prepare(name, user)
+            await self.prepare(name, user)
         except PrintRefused as e:
-            self._report_error(str(e))
-            raise self.server.error(str(e), 400) from None
+            self.report_error(str(e))
+            raise self.server.error(http_safe(str(e)), e.status) from None
         try:
             ret = await self._orig_start_print(name, False, user)
         except Exception as e:
-            await self._abort_start(name, f"Klipper refused to start {name}: {e}")
+            await self.jobs.abort(name)
+            self.report_error(f"Klipper refused to start {name}: {e}")
             raise
-        await self._started(name)
+        await self.jobs.started(name)
         return ret
 
-    async def _prepare(self, name: str, user: Optional[UserInfo]) -> None:
+    def _path(self, name: str) -> str:
+        return str(self.file_manager.get_full_path("gcodes", name))
+
+    async def prepare(self, name: str, user: Optional[UserInfo]) -> None:
         """Check everything, decrypt, and register the memfd with Klipper."""
         # First: from here on messages name the file, and they are echoed to
         # Klipper's console; a newline in a name would be a G-code line.
@@ -727,85 +978,102 @@ class EncryptedPrint:
             raise PrintRefused(f"cannot print {name!r}: Klipper cannot take file "
                                "names with control characters, ';', '#' or '*'; "
                                "rename the file")
-        if self.start_lock.locked():
+        if self.lock.locked():
             raise PrintRefused(f"cannot start {name}: another encrypted file is being "
                                "prepared")
-        async with self.start_lock:
-            if self.active is not None:
-                # The previous print may have ended since the last check
-                # (the job queue starts the next one within milliseconds).
-                await self._klipper(name, self._check_job(self.active))
-            if self.active is not None:
-                raise PrintRefused(f"cannot start {name}: {self.active.filename} is "
-                                   "still printing")
-            for key in ("msgpack", "helper", "identity", "uid"):
-                if key in self.problems:
-                    raise PrintRefused(f"cannot print {name}: {self.problems[key]}")
-            objects = await self._klipper(name, self.kapis.get_object_list(default=[]))
-            if BRIDGE_OBJECT not in objects:
-                raise PrintRefused(f"cannot print {name}: Klipper has no "
-                                   "[encrypted_file_bridge] section in printer.cfg")
-            if self.swap_protection == "refuse_disk_swap":
-                swap = disk_swap()
-                if swap:
-                    raise PrintRefused(f"cannot print {name}: swap on {swap} is active and "
-                                       "[encrypted_print] swap_protection forbids "
-                                       "cleartext pages that could be written to disk")
-            path = str(self.file_manager.get_full_path("gcodes", name))
-            root = self.file_manager.get_directory("gcodes")
-            try:
-                res = await self.client.inspect(path, root)
-            except HelperError as e:
-                raise PrintRefused(e.message) from None
-            if not res.get("authenticated"):
-                raise PrintRefused(res.get("reason") or f"{name} cannot be opened here")
-            file_id = bytes(res["file_id"])
-            refusal = self._policy_refusal(name, res, await self._print_count(file_id))
-            if refusal is not None:
-                raise PrintRefused(refusal)
-            self.decrypting = {"filename": name, "done": 0, "total": res["plaintext_size"]}
-            try:
-                df = await self.client.decrypt(path, root, self.max_memory, self._progress)
-            except HelperError as e:
-                raise PrintRefused(e.message) from None
-            finally:
-                self.decrypting = None
-            if self.swap_protection == "mlock":
-                try:
-                    df.lock_in_memory()
-                except HelperError as e:
-                    df.close()
-                    raise PrintRefused(f"cannot print {name}: {e.message}") from None
-            try:
-                esc = name.replace("\\", "\\\\").replace('"', '\\"')
-                # If Klipper answers after the timeout, its registration
-                # names a TOKEN that no other memfd has: it fails there.
-                await self._klipper(name, self.kapis.run_gcode(
-                    f'REGISTER_ENCRYPTED_FILE FILENAME="{esc}" PID={os.getpid()} '
-                    f"FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}"))
-            except PrintRefused:
-                df.close()
-                raise
-            except Exception as e:
-                df.close()
-                raise PrintRefused(f"Klipper refused {name}: {e}") from None
-            record = {"filename": name, "file_id": file_id.hex(), "sha256": df.sha256.hex(),
-                      "size": df.size, "publisher": df.publisher,
-                      "user": getattr(user, "username", None), "start_time": None,
-                      "end_time": None, "result": "starting",
-                      "decrypt_ms": df.elapsed_ms}
-            rid = f"{time.time():017.6f}-{secrets.token_hex(3)}"
-            self.active = ActiveJob(name, df, rid, record)
+        async with self.lock:
+            await self._check_printer(name)
+            res = await self._authorise(name)
+            df = await self._decrypt(name, res)
+            await self._register(name, df)
+            self.jobs.begin(name, df, user)
             logging.info(f"encrypted_print: {name} decrypted ({df.size} bytes in "
                          f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
 
-    async def _klipper(self, name: str, request: Any) -> Any:
+    async def _check_printer(self, name: str) -> None:
+        """The printer can take an encrypted print now."""
+        if self.jobs.active is not None:
+            # The previous print may have ended since the last check
+            # (the job queue starts the next one within milliseconds).
+            await self._klipper(name, self.jobs.check(self.jobs.active))
+        if self.jobs.active is not None:
+            raise PrintRefused(f"cannot start {name}: {self.jobs.active.filename} is "
+                               "still printing")
+        problem = self.diagnostics.blocking()
+        if problem is not None:
+            raise PrintRefused(f"cannot print {name}: {problem}")
+        if not self.kconn.is_ready():
+            raise PrintRefused(f"cannot print {name}: Klipper is not ready "
+                               f"({self.kconn.state.name.lower()}); start the print "
+                               "again when it is", 503)
+        objects = await self._klipper(name, self.kapis.get_object_list(default=None))
+        if objects is None:
+            raise PrintRefused(f"cannot print {name}: Klipper went away; start the "
+                               "print again when it is ready", 503)
+        if BRIDGE_OBJECT not in objects:
+            raise PrintRefused(f"cannot print {name}: Klipper has no "
+                               "[encrypted_file_bridge] section in printer.cfg")
+        if self.swap_protection == "refuse_disk_swap":
+            swap = disk_swap()
+            if swap:
+                raise PrintRefused(f"cannot print {name}: swap on {swap} is active and "
+                                   "[encrypted_print] swap_protection forbids "
+                                   "cleartext pages that could be written to disk")
+
+    async def _authorise(self, name: str) -> Dict[str, Any]:
+        """Inspect the file and apply the policy; the inspect result."""
+        try:
+            res = await self.client.inspect(self._path(name),
+                                            self.file_manager.get_directory("gcodes"))
+        except HelperError as e:
+            raise PrintRefused(e.message) from None
+        if not res.get("authenticated"):
+            raise PrintRefused(res.get("reason") or f"{name} cannot be opened here")
+        used = await self.records.used(bytes(res["file_id"]).hex())
+        refusal = self.policy.refusal(name, res, used)
+        if refusal is not None:
+            raise PrintRefused(refusal)
+        return res
+
+    async def _decrypt(self, name: str, res: Dict[str, Any]) -> DecryptedFile:
+        self.decrypting = {"filename": name, "done": 0, "total": res["plaintext_size"]}
+        try:
+            df = await self.client.decrypt(self._path(name),
+                                           self.file_manager.get_directory("gcodes"),
+                                           self.max_memory, self._progress)
+        except HelperError as e:
+            raise PrintRefused(e.message) from None
+        finally:
+            self.decrypting = None
+        if self.swap_protection == "mlock":
+            try:
+                df.lock_in_memory()
+            except HelperError as e:
+                df.close()
+                raise PrintRefused(f"cannot print {name}: {e.message}") from None
+        return df
+
+    async def _register(self, name: str, df: DecryptedFile) -> None:
+        # If Klipper answers after the timeout, its registration names a
+        # TOKEN that no other memfd has: it fails there.
+        line = register_line(name, os.getpid(), df.fd, df.size, df.memfd_name)
+        try:
+            await self._klipper(name, self.kapis.run_gcode(line))
+        except PrintRefused:
+            df.close()
+            raise
+        except Exception as e:
+            df.close()
+            raise PrintRefused(f"Klipper refused {name}: {e}") from None
+
+    async def _klipper(self, name: str, request: Awaitable[Any]) -> Any:
         """A request to Klipper on a start path, bounded by klipper_timeout."""
         try:
             return await asyncio.wait_for(request, self.klipper_timeout)
         except asyncio.TimeoutError:
             raise PrintRefused(f"cannot print {name}: Klipper did not answer within "
-                               f"{self.klipper_timeout:g} s (busy or hung?); try again") from None
+                               f"{self.klipper_timeout:g} s (busy or hung?); try again"
+                               ) from None
 
     def _progress(self, done: int, total: int) -> None:
         """Decrypt progress: a websocket notification each time, and the
@@ -821,57 +1089,7 @@ class EncryptedPrint:
             self.eventloop.create_task(self.kapis.run_gcode(
                 f"M117 Decrypting {pct}%", default=None))
 
-    async def _started(self, name: str) -> None:
-        job = self.active
-        if job is None or job.filename != name:
-            return
-        file_id = job.record["file_id"]
-        count = int(await self.counts.get(file_id, 0)) + 1
-        self.counts[file_id] = count
-        job.record.update(start_time=time.time(), result="printing", print_number=count)
-        self.jobs[job.record_id] = job.record
-        self.eventloop.create_task(self._watch(job))
-
-    async def _check_job(self, job: ActiveJob) -> None:
-        """Finish the job if its print has ended."""
-        res = await self.kapis.query_objects(
-            {"print_stats": ["state", "filename"]}, default=None)
-        ps = (res or {}).get("print_stats")
-        if not ps or self.active is not job or job.record["result"] == "starting":
-            return
-        state = ps.get("state")
-        if ps.get("filename") != job.filename:
-            self._finish("replaced")
-        elif state in FINISHED_STATES:
-            self._finish(state)
-        elif state in ("printing", "paused"):
-            job.seen_running = True
-        elif state == "standby" and job.seen_running:
-            self._finish("reset")
-
-    async def _watch(self, job: ActiveJob) -> None:
-        """Release the memfd when the print ends. A short print can go
-        standby -> printing -> complete between two status pushes, so the
-        subscription only wakes this loop; the state is queried."""
-        while self.active is job:
-            await self._check_job(job)
-            try:
-                await asyncio.wait_for(job.wake.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
-            job.wake.clear()
-
-    async def _abort_start(self, name: str, msg: str) -> None:
-        job = self.active
-        if job is not None and job.filename == name:
-            self.active = None
-            job.df.close()
-            esc = name.replace("\\", "\\\\").replace('"', '\\"')
-            await self.kapis.run_gcode(f'UNREGISTER_ENCRYPTED_FILE FILENAME="{esc}"',
-                                       default=None)
-        self._report_error(msg)
-
-    def _report_error(self, msg: str) -> None:
+    def report_error(self, msg: str) -> None:
         logging.warning(f"encrypted_print: {msg!r}")
         self.server.send_event("encrypted_print:error", {"message": msg})
         # Shown in the UI console; the upload print=true path drops our
@@ -882,87 +1100,30 @@ class EncryptedPrint:
         self.eventloop.create_task(self.kapis.run_gcode(
             f'RESPOND TYPE=error MSG="encrypted_print: {quoted}"', default=None))
 
-    def _on_remote_prepare(self, filename: str = "", start: bool = True) -> None:
-        """Klipper's bridge asks: a console/macro/M23 start of an encrypted file."""
+    # Klipper's side: the bridge asks for a console/macro/M23 start
+    def on_remote_prepare(self, filename: str = "", start: bool = True) -> None:
         self.eventloop.create_task(self._remote_prepare(filename, bool(start)))
 
     async def _remote_prepare(self, filename: str, start: bool) -> None:
         try:
             if start:
-                await self._start_print(filename)
-            else:
-                await self._prepare(filename, None)
-                try:
-                    await self.kapis.run_gcode(f"M23 {filename}")
-                except Exception as e:
-                    await self._abort_start(filename, f"Klipper refused to select "
-                                            f"{filename}: {e}")
-                    return
-                await self._started(filename)  # the user's M24 runs it
+                await self.start_print(filename)
+                return
+            await self.prepare(filename, None)
+            try:
+                await self.kapis.run_gcode(f"M23 {filename}")
+            except Exception as e:
+                await self.jobs.abort(filename)
+                self.report_error(f"Klipper refused to select {filename}: {e}")
+                return
+            await self.jobs.started(filename)  # the user's M24 runs it
         except self.server.error:
             pass  # already reported
         except PrintRefused as e:
-            self._report_error(str(e))
+            self.report_error(str(e))
         except Exception as e:
             logging.exception("encrypted_print: remote prepare")
-            self._report_error(f"cannot prepare {filename}: {e}")
-
-    # -- the print's lifetime: the memfd is held until the print ends --
-
-    def _on_status(self, status: Dict[str, Any], eventtime: float) -> None:
-        if self.active is not None and "print_stats" in status:
-            self.active.wake.set()
-
-    def _finish(self, result: str) -> None:
-        job, self.active = self.active, None
-        if job is None:
-            return
-        job.df.close()
-        job.record.update(end_time=time.time(), result=result)
-        self.jobs[job.record_id] = job.record
-        logging.info(f"encrypted_print: {job.filename} ended ({result}); "
-                     "cleartext released")
-
-    def _on_klippy_gone(self) -> None:
-        self.ready = False
-        self._finish("klippy_disconnect")
-
-    def _on_klippy_shutdown(self) -> None:
-        self._finish("klippy_shutdown")
-
-    def close(self) -> None:
-        self._finish("moonraker_shutdown")
-
-    # -- API --
-
-    async def _handle_status(self, web_request: WebRequest) -> Dict[str, Any]:
-        job = self.active
-        return {
-            "helper": {"path": self.helper_path, "version": self.helper_version,
-                       "protocol": PROTOCOL_VERSION, "ok": "helper" not in self.problems},
-            "identity": {"path": self.identity_path, "ok": "identity" not in self.problems},
-            "recipient": self.recipient,
-            "bridge_loaded": self.bridge_loaded,
-            "ready": self.ready,
-            "problems": dict(self.problems),
-            "decrypting": self.decrypting,
-            "active_job": None if job is None else dict(job.record),
-            "require_signature": self.require_signature,
-            "trusted_publishers": list(self.trusted),
-        }
-
-    async def _handle_recipient(self, web_request: WebRequest) -> Dict[str, Any]:
-        if not self.recipient:
-            try:
-                self.recipient = await self.client.recipient()
-            except HelperError as e:
-                raise self.server.error(e.message, 503) from None
-        return {"recipient": self.recipient}
-
-    async def _handle_jobs(self, web_request: WebRequest) -> Dict[str, Any]:
-        rows = [(str(k), v) for k, v in await self.jobs.items()]
-        rows.sort(key=lambda kv: kv[0], reverse=True)  # newest first
-        return {"jobs": [dict(v, id=k) for k, v in rows]}
+            self.report_error(f"cannot prepare {filename}: {e}")
 
 
 def disk_swap() -> str:
@@ -977,6 +1138,105 @@ def disk_swap() -> str:
         if dev and not dev.startswith("/dev/zram"):
             return dev
     return ""
+
+
+# -- the component --------------------------------------------------------------
+
+class EncryptedPrint:
+    def __init__(self, config: ConfigHelper) -> None:
+        self.server = config.get_server()
+        repo = pathlib.Path(os.path.realpath(__file__)).parent.parent
+        self.helper_path = os.path.expanduser(
+            config.get("helper", str(repo / "bin" / "encprint-helper")))
+        self.client = HelperClient(
+            self.helper_path,
+            os.path.expanduser(config.get("identity", DEFAULT_IDENTITY)),
+            inspect_timeout=config.getfloat("inspect_timeout", 20., above=0.),
+            decrypt_timeout=config.getfloat("decrypt_timeout", 600., above=0.),
+            rebuild_hint=f"run {repo / 'install.sh'}")
+        self.policy = TrustPolicy(config)
+        self.records = JobRecords(self.server)
+        self.diagnostics = Diagnostics(self.server, self.client)
+        self.file_manager: FileManager = self.server.lookup_component("file_manager")
+        self.kapis: KlippyAPI = self.server.lookup_component("klippy_apis")
+        self.metadata = MetadataPublisher(self.file_manager, self.client, self.policy)
+        self.jobs = JobTracker(self.server, self.kapis, self.records)
+        self.starter = PrintStarter(config, self.client, self.policy, self.records,
+                                    self.diagnostics, self.jobs)
+        self.ready = False  # klippy_ready checks done, print_stats subscribed
+        self._reconciled = False
+        self._register_events()
+        self._register_endpoints()
+
+    def _register_events(self) -> None:
+        self.server.register_event_handler(
+            "file_manager:metadata_processed", self.metadata.on_metadata_processed)
+        self.server.register_event_handler("server:klippy_ready", self._on_klippy_ready)
+        self.server.register_event_handler("server:klippy_disconnect", self._on_klippy_gone)
+        self.server.register_event_handler(
+            "server:klippy_shutdown", lambda: self.jobs.finish("klippy_shutdown"))
+        self.server.register_remote_method(REMOTE_METHOD, self.starter.on_remote_prepare)
+        self.server.register_notification("encrypted_print:progress",
+                                          "encrypted_print_progress")
+        self.server.register_notification("encrypted_print:error",
+                                          "encrypted_print_error")
+
+    def _register_endpoints(self) -> None:
+        for path, handler in (("status", self._handle_status),
+                              ("recipient", self._handle_recipient),
+                              ("jobs", self._handle_jobs)):
+            self.server.register_endpoint(
+                f"/server/encrypted_print/{path}", RequestType.GET, handler)
+
+    async def component_init(self) -> None:
+        await self.diagnostics.check_install(self.file_manager.get_metadata_storage())
+
+    async def _on_klippy_ready(self) -> None:
+        self.diagnostics.check_klipper(await self.kapis.get_object_list(default=[]))
+        # Our own subscription also gives job_state the updates it otherwise
+        # misses on a headless printer (see docs/development.md).
+        await self.kapis.subscribe_objects(
+            {"print_stats": ["state", "filename"]}, self.jobs.on_status, default=None)
+        if not self._reconciled:
+            self._reconciled = True
+            await self.jobs.reconcile()
+        self.ready = True
+
+    def _on_klippy_gone(self) -> None:
+        self.ready = False
+        self.jobs.on_klippy_gone()
+
+    def close(self) -> None:
+        self.jobs.release()
+
+    async def _handle_status(self, web_request: WebRequest) -> Dict[str, Any]:
+        job = self.jobs.active
+        diag = self.diagnostics
+        return {
+            "helper": {"path": self.helper_path, "version": self.client.helper_version,
+                       "protocol": PROTOCOL_VERSION, "ok": "helper" not in diag.problems},
+            "identity": {"path": self.client.identity_path,
+                         "ok": "identity" not in diag.problems},
+            "recipient": diag.recipient,
+            "bridge_loaded": diag.bridge_loaded,
+            "ready": self.ready,
+            "problems": dict(diag.problems),
+            "decrypting": self.starter.decrypting,
+            "active_job": None if job is None else dict(job.record),
+            "require_signature": self.policy.require_signature,
+            "trusted_publishers": list(self.policy.trusted),
+        }
+
+    async def _handle_recipient(self, web_request: WebRequest) -> Dict[str, Any]:
+        if not self.diagnostics.recipient:
+            try:
+                self.diagnostics.recipient = await self.client.recipient()
+            except HelperError as e:
+                raise self.server.error(e.message, 503) from None
+        return {"recipient": self.diagnostics.recipient}
+
+    async def _handle_jobs(self, web_request: WebRequest) -> Dict[str, Any]:
+        return {"jobs": await self.records.newest_first()}
 
 
 def load_component(config: ConfigHelper) -> EncryptedPrint:

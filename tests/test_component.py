@@ -7,6 +7,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -14,7 +15,7 @@ import time
 import pytest
 from conftest import Keys
 from gcodegen import new_canary, sample_gcode
-from stack import HTTPError, Stack, wait_for
+from stack import HTTPError, Stack, files_holding, wait_for
 
 
 def parent_of(pid: str) -> int:
@@ -51,14 +52,8 @@ def all_memfds(roots: tuple = ()) -> list:
 def assert_no_canary(root: pathlib.Path, canary: str) -> None:
     """No file under the stack (data folder, logs, database, .thumbs) nor in
     the system temp folder holds the canary."""
-    needle = canary.encode()
-    for base in (root, pathlib.Path(tempfile.gettempdir())):
-        for p in base.rglob("*"):
-            try:
-                if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20:
-                    assert needle not in p.read_bytes(), f"cleartext canary found in {p}"
-            except (PermissionError, FileNotFoundError):
-                continue
+    found = files_holding([canary.encode()], root, pathlib.Path(tempfile.gettempdir()))
+    assert not found, f"cleartext canary found in {found}"
 
 
 class EncStack(Stack):
@@ -259,7 +254,8 @@ def test_policies_and_bad_files_are_refused_clearly(stack):
     stack.ui.start_print("once.gcode")
     stack.wait_state("complete")
     stack.wait_released()
-    assert "may be printed 1 time(s) and all 1 have been used" in stack.refused("once.gcode")
+    assert ("may be printed only once, and it has been printed already"
+            in stack.refused("once.gcode"))
     assert "may not be printed before 2099-01-01" in stack.refused("later.gcode")
     assert "expired on 2020-01-01" in stack.refused("old.gcode")
     assert "encrypted for other printers, not this one" in stack.refused("theirs.gcode")
@@ -337,6 +333,23 @@ def test_moonraker_restart_mid_print(stack):
     stack.ui.connect_ws()
     assert stack.moonraker.pid == pid
     stack.wait_state("complete", timeout=120)
+    stack.wait_released()
+    wait_for(lambda: stack.jobs()[0]["result"] == "complete", 10,
+             f"the audit record to say complete: {stack.jobs()[:1]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_audit_record_says_complete_after_moonraker_was_stopped_mid_print(stack, sig):
+    stack.start_long_print("long.gcode", 600_000)
+    stack.moonraker.proc.send_signal(sig)
+    stack.moonraker.proc.wait(20)
+    stack.ui.close()
+    stack.moonraker.start()
+    stack.ui.connect_ws()
+    stack.wait_state("complete", timeout=120)
+    wait_for(lambda: stack.jobs()[0]["result"] == "complete", 15,
+             f"the audit record to say complete: {stack.jobs()[:1]}")
+    assert len(stack.jobs()) == 1
     stack.wait_released()
 
 

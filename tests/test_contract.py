@@ -1,0 +1,66 @@
+"""proto/contract.json is the one source of every name and number that
+crosses a process boundary; the component's and the extra's own definitions
+must equal it (the Go side is checked by helper/contract's test)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+
+import pytest
+from conftest import ROOT
+
+CONTRACT = json.loads((ROOT / "proto" / "contract.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ep(binaries):
+    from moonraker.components import encrypted_print
+    return encrypted_print
+
+
+def test_component_protocol_values_equal_the_contract(ep):
+    fr = CONTRACT["framing"]
+    assert ep.PROTOCOL_VERSION == CONTRACT["protocol_version"]
+    assert ep.LENGTH_PREFIX == fr["length_prefix_bytes"]
+    assert ep.MAX_RECORD == fr["max_record"] and fr["max_record_includes_prefix"]
+    assert ep.MAX_MESSAGE == fr["max_message"]
+    assert ep.AGE_MAGIC == CONTRACT["age"]["magic"].encode()
+    assert ep.AGE_ARMOR == CONTRACT["age"]["armor_begin"].encode()
+    assert set(ep.CLIENT_ERROR_CODES) == set(CONTRACT["client_error_codes"])
+    assert ep.PUBLISHER_KEY_RE.pattern == CONTRACT["publisher_key"]["regex"]
+
+
+def test_component_memfd_values_equal_the_contract_and_the_kernel(ep):
+    m = CONTRACT["memfd"]
+    assert ep.F_GET_SEALS == m["F_GET_SEALS"] == getattr(fcntl, "F_GET_SEALS", m["F_GET_SEALS"])
+    assert ep.REQUIRED_SEALS == m["required_seals"] == sum(m["seals"].values())
+    for name, value in m["seals"].items():
+        assert getattr(fcntl, name, value) == value, name
+    assert ep.MEMFD_TOKEN_PREFIX == m["token_prefix"]
+    assert ep.MEMFD_LINK == m["link_format"]
+    token = ep.MEMFD_TOKEN_PREFIX + "0123456789abcdef"  # what decrypt() asks for
+    assert re.fullmatch(m["token_regex"], token)
+
+
+def test_component_klipper_names_equal_the_contract(ep):
+    k = CONTRACT["klipper"]
+    assert ep.BRIDGE_OBJECT == k["bridge_object"]
+    assert ep.REGISTER_COMMAND == k["register_command"]
+    assert list(ep.REGISTER_PARAMS) == k["register_params"]
+    assert ep.UNREGISTER_COMMAND == k["unregister_command"]
+    assert ep.REMOTE_METHOD == k["remote_method"]
+    line = ep.register_line('a "b".gcode', 12, 7, 99, "encprint-ab")
+    words = line.split(" ", 1)
+    assert words[0] == k["register_command"]
+    assert re.findall(r"(\w+)=", words[1]) == k["register_params"]
+
+
+def test_component_requests_carry_exactly_the_required_keys(ep):
+    client = ep.HelperClient("/nonexistent", "/id.key")
+    for op, spec in CONTRACT["ops"].items():
+        path = "" if op == "recipient" else "/g/x.gcode"
+        req = client._request(op, path, "/g")
+        if op == "decrypt":
+            req.update(max_bytes=0, memfd_name="encprint-x")  # as decrypt() adds
+        assert sorted(req) == sorted(spec["required"]), op

@@ -603,3 +603,14 @@ def test_a_crafted_file_name_cannot_inject_gcode_through_error_messages(stack):
     stack.ui.post("/printer/print/cancel")
     stack.wait_state("cancelled")
     stack.wait_released()
+
+
+def test_refusal_keeps_its_text_for_any_file_name(stack):
+    name = "零件 <v2>.gcode"
+    stack.ui.upload(name, stack.keys.other().encrypt(sample_gcode(layers=2)))
+    msg = stack.refused(name)
+    assert "encrypted for other printers, not this one" in msg, msg
+    assert "\\u96f6\\u4ef6 \\x3cv2>.gcode" in msg, msg
+    # The websocket notification carries the name as it is.
+    errors = stack.ui.seen("notify_encrypted_print_error")
+    assert any(name in e["params"][0]["message"] for e in errors), errors

@@ -59,13 +59,18 @@ func vectorGcode() []byte {
 	return []byte(b.String())
 }
 
+// errorClass names the protocol error code an error maps to (the helper's
+// classify does the same), or "success".
 func errorClass(err error) string {
 	var he *HeaderError
 	var se *StanzaError
 	var ce *ChunkError
+	var re *ReadError
 	switch {
 	case err == nil:
 		return "success"
+	case errors.As(err, &re):
+		return "io_error"
 	case errors.Is(err, ErrNotEncrypted):
 		return "not_encrypted"
 	case errors.As(err, &se) && se.Unsupported:

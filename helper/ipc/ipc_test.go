@@ -56,7 +56,7 @@ func fixedMessages() []struct {
 			SHA256: bytes.Repeat([]byte{0x5a}, 32), Seals: 47, MemfdName: "encprint-0f1e2d3c", ElapsedMS: 12.5}},
 		{"recipient result", "recipient_result", &RecipientResult{"result", "recipient",
 			"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p", []string{}}},
-		{"error", "error", &Error{"error", "too_large", "part.gcode needs 2.0 GiB of memory to print, more than the 512.0 MiB allowed"}},
+		{"error", "error", &Error{Type: "error", Code: "too_large", Message: "part.gcode needs 2.0 GiB of memory to print, more than the 512.0 MiB allowed"}},
 	}
 }
 

@@ -13,8 +13,10 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"filippo.io/age"
+	"filippo.io/age/armor"
 )
 
 var updateVectors = flag.Bool("update-vectors", false, "regenerate proto/testdata/vectors")
@@ -37,7 +39,11 @@ type vectorCase struct {
 	Metadata      json.RawMessage `json:"metadata,omitempty"`
 	Policy        *Policy         `json:"policy,omitempty"`
 	Publisher     string          `json:"publisher,omitempty"`
-	Note          string          `json:"note"`
+	// Window is the policy's verdict now: "" (printable), "expired" or
+	// "not_yet_valid". The printer's helper refuses such a file with that
+	// code; the file itself decrypts.
+	Window string `json:"window,omitempty"`
+	Note   string `json:"note"`
 }
 
 func vectorKeys(t testing.TB) (*age.X25519Identity, ed25519.PrivateKey) {
@@ -121,6 +127,15 @@ func generateVectors(t *testing.T) {
 	tampered[i] = map[bool]byte{true: 'B', false: 'A'}[tampered[i] == 'A']
 	files["tampered-policy.enc.gcode"] = tampered
 	files["truncated.enc.gcode"] = full[:len(full)-100]
+	expired := &Policy{FileID: bytes.Repeat([]byte{0x43}, 16), NotAfter: 1577836800}  // 2020-01-01
+	notYet := &Policy{FileID: bytes.Repeat([]byte{0x44}, 16), NotBefore: 32503680000} // 3000-01-01
+	files["expired.enc.gcode"] = enc(EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Policy: expired})
+	files["not-yet-valid.enc.gcode"] = enc(EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Policy: notYet})
+	var armored bytes.Buffer
+	aw := armor.NewWriter(&armored)
+	aw.Write(full)
+	aw.Close()
+	files["armored.enc.gcode"] = armored.Bytes()
 	os.MkdirAll(vectorDir, 0o755)
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(vectorDir, name), data, 0o644); err != nil {
@@ -145,7 +160,13 @@ func generateVectors(t *testing.T) {
 		{File: "other.enc.gcode", Expect: "wrong_identity", Note: "encrypted for another printer only"},
 		{File: "tampered-policy.enc.gcode", Expect: "header_auth_failed", Note: "one base64 character of the file id changed"},
 		{File: "truncated.enc.gcode", Expect: "truncated", Note: "last 100 bytes removed"},
+		{File: "armored.enc.gcode", Expect: "malformed_header", Note: "full.enc.gcode in age's ASCII armor (age -a): recognised as encrypted, never printable"},
 	}
+	exp := ok("expired.enc.gcode", "not_after 2020-01-01T00:00:00Z: authentic, refused by the printer as expired", false, expired, "")
+	exp.Window = "expired"
+	nyv := ok("not-yet-valid.enc.gcode", "not_before 3000-01-01T00:00:00Z: authentic, refused by the printer as not yet valid", false, notYet, "")
+	nyv.Window = "not_yet_valid"
+	cases = append(cases, exp, nyv)
 	for i := range cases {
 		if cases[i].Expect == "success" && cases[i].Policy != nil {
 			cases[i].FileID = hex.EncodeToString(cases[i].Policy.FileID)
@@ -169,7 +190,7 @@ func TestFormatVectors(t *testing.T) {
 	if err := json.Unmarshal(raw, &cases); err != nil {
 		t.Fatal(err)
 	}
-	if len(cases) < 6 {
+	if len(cases) < 9 {
 		t.Fatalf("only %d vectors", len(cases))
 	}
 	for _, c := range cases {
@@ -185,10 +206,20 @@ func TestFormatVectors(t *testing.T) {
 			if c.Expect != "success" {
 				return
 			}
+			_, pub, _ := ParseFile(bytes.NewReader(data), int64(len(data)))
+			window := ""
+			var we *WindowError
+			if err := pub.Policy.CheckWindow(time.Now()); errors.As(err, &we) && we.Expired {
+				window = "expired"
+			} else if err != nil {
+				window = "not_yet_valid"
+			}
+			if window != c.Window {
+				t.Fatalf("window verdict %q, want %q", window, c.Window)
+			}
 			if res.Size != c.PlaintextSize || hex.EncodeToString(res.SHA256[:]) != c.SHA256 || int64(len(got)) != res.Size {
 				t.Fatal("plaintext size or digest differs from the vector")
 			}
-			_, pub, _ := ParseFile(bytes.NewReader(data), int64(len(data)))
 			if c.Metadata != nil {
 				gotJSON, _ := json.Marshal(pub.Metadata)
 				var g, w interface{}

@@ -35,7 +35,7 @@ func DecodeRequest(body []byte) (*Request, *Error) {
 		return nil, e
 	}
 	if m["type"].str != "request" {
-		return nil, badRequest("type", "expected a request message, got %q", m["type"].str)
+		return nil, badRequest("type", "request key type is %q; the component sends a \"request\" here", m["type"].str)
 	}
 	if e := check(m, "protocol"); e != nil {
 		return nil, e

@@ -117,14 +117,17 @@ def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
     roots = [tmp_path_factory.getbasetemp(), pathlib.Path(tempfile.gettempdir()),
              pathlib.Path("/dev/shm")]
     found = []
-    for root in roots:
-        for p in root.rglob("*"):
-            try:
-                if not p.is_file() or p.is_symlink() or p.stat().st_size > 64 << 20:
-                    continue
-                hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
-            except OSError:
+    # os.walk, not rglob: other programs' temp folders vanish during the
+    # walk, which rglob raises on.
+    paths = (pathlib.Path(d, f) for root in roots for d, _, files in os.walk(root)
+             for f in files)
+    for p in paths:
+        try:
+            if not p.is_file() or p.is_symlink() or p.stat().st_size > 64 << 20:
                 continue
-            if hits:
-                found.append(f"{p}: {sorted(hits)[:2]}")
+            hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
+        except OSError:
+            continue
+        if hits:
+            found.append(f"{p}: {sorted(hits)[:2]}")
     assert not found, "cleartext of encrypted files found on disk:\n" + "\n".join(found)

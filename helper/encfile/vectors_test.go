@@ -17,6 +17,7 @@ import (
 
 	"filippo.io/age"
 	"filippo.io/age/armor"
+	"github.com/vmihailenco/msgpack/v5"
 )
 
 var updateVectors = flag.Bool("update-vectors", false, "regenerate proto/testdata/vectors")
@@ -43,7 +44,10 @@ type vectorCase struct {
 	// "not_yet_valid". The printer's helper refuses such a file with that
 	// code; the file itself decrypts.
 	Window string `json:"window,omitempty"`
-	Note   string `json:"note"`
+	// SignatureValid, when set, is what the signature check must say
+	// (absent: true if Publisher is set).
+	SignatureValid *bool  `json:"signature_valid,omitempty"`
+	Note           string `json:"note"`
 }
 
 func vectorKeys(t testing.TB) (*age.X25519Identity, ed25519.PrivateKey) {
@@ -131,6 +135,7 @@ func generateVectors(t *testing.T) {
 	notYet := &Policy{FileID: bytes.Repeat([]byte{0x44}, 16), NotBefore: 32503680000} // 3000-01-01
 	files["expired.enc.gcode"] = enc(EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Policy: expired})
 	files["not-yet-valid.enc.gcode"] = enc(EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Policy: notYet})
+	files["bad-signature.enc.gcode"] = badSignature(t, id, pub, plain)
 	var armored bytes.Buffer
 	aw := armor.NewWriter(&armored)
 	aw.Write(full)
@@ -162,6 +167,10 @@ func generateVectors(t *testing.T) {
 		{File: "truncated.enc.gcode", Expect: "truncated", Note: "last 100 bytes removed"},
 		{File: "armored.enc.gcode", Expect: "malformed_header", Note: "full.enc.gcode in age's ASCII armor (age -a): recognised as encrypted, never printable"},
 	}
+	bad := ok("bad-signature.enc.gcode", "header MAC valid, signature stanza with a correct size and digest but a signature over other bytes: decrypts, signature_valid false", false,
+		&Policy{FileID: bytes.Repeat([]byte{0x45}, 16)}, FormatPublicKey(pub.Public().(ed25519.PublicKey)))
+	bad.SignatureValid = new(bool)
+	cases = append(cases, bad)
 	exp := ok("expired.enc.gcode", "not_after 2020-01-01T00:00:00Z: authentic, refused by the printer as expired", false, expired, "")
 	exp.Window = "expired"
 	nyv := ok("not-yet-valid.enc.gcode", "not_before 3000-01-01T00:00:00Z: authentic, refused by the printer as not yet valid", false, notYet, "")
@@ -233,10 +242,32 @@ func TestFormatVectors(t *testing.T) {
 				t.Fatalf("file id %x, want %s", pub.FileID, c.FileID)
 			}
 			if c.Publisher != "" {
-				if pub.Signature == nil || FormatPublicKey(pub.Signature.PublicKey) != c.Publisher || pub.VerifySignature() != nil {
-					t.Fatal("signature does not verify as the vector says")
+				valid := c.SignatureValid == nil || *c.SignatureValid
+				if pub.Signature == nil || FormatPublicKey(pub.Signature.PublicKey) != c.Publisher || (pub.VerifySignature() == nil) != valid {
+					t.Fatalf("signature check %v, the vector says valid=%v", pub.VerifySignature(), valid)
 				}
 			}
 		})
 	}
+}
+
+// badSignature is a file for id whose header MAC is valid and whose
+// signature stanza names the right size and digest, but whose signature is
+// over other bytes: what a forger without the publisher's key can make.
+func badSignature(t *testing.T, id *age.X25519Identity, signer ed25519.PrivateKey, plain []byte) []byte {
+	policyBody, _ := msgpack.Marshal(&Policy{FileID: bytes.Repeat([]byte{0x45}, 16)})
+	sum := sha256.Sum256(plain)
+	sig := Signature{Alg: "ed25519", PublicKey: signer.Public().(ed25519.PublicKey), Size: uint64(len(plain)), SHA256: sum[:],
+		Sig: ed25519.Sign(signer, []byte("not the signed message"))}
+	sigBody, _ := msgpack.Marshal(&sig)
+	stanzas := []*age.Stanza{{Type: PolicyStanza, Args: []string{StanzaVersion}, Body: policyBody},
+		{Type: SigStanza, Args: []string{StanzaVersion}, Body: sigBody}}
+	var b bytes.Buffer
+	w, err := age.Encrypt(&b, &stanzaRecipient{stanzas, nil}, id.Recipient())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(plain)
+	w.Close()
+	return b.Bytes()
 }

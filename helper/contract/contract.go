@@ -9,7 +9,9 @@ const ProtocolVersion = 1
 
 // Framing of proto/PROTOCOL.md: a message is a uint32 big-endian length
 // prefix and a msgpack body, sent as SOCK_SEQPACKET records of at most
-// MaxRecord bytes, prefix included.
+// MaxRecord bytes, prefix included. helper/ipc is written for
+// MaxRecordIncludesPrefix and MaxFDsPerRecord as they are: the test fails if
+// contract.json changes them.
 const (
 	LengthPrefixBytes       = 4
 	MaxRecord               = 65536
@@ -29,7 +31,6 @@ const (
 const (
 	MemfdTokenPrefix = "encprint-"
 	MemfdTokenRegex  = `^encprint-[0-9a-z]{1,32}$`
-	MemfdLinkFormat  = "/memfd:{token} (deleted)"
 
 	FAddSeals = 1033
 	FGetSeals = 1034

@@ -29,7 +29,6 @@ type contractFile struct {
 	Memfd struct {
 		TokenPrefix   string         `json:"token_prefix"`
 		TokenRegex    string         `json:"token_regex"`
-		LinkFormat    string         `json:"link_format"`
 		FAddSeals     int            `json:"F_ADD_SEALS"`
 		FGetSeals     int            `json:"F_GET_SEALS"`
 		Seals         map[string]int `json:"seals"`
@@ -78,7 +77,6 @@ func TestGoEqualsContract(t *testing.T) {
 	eq(t, "age.armor_begin", ArmorBegin, c.Age.ArmorBegin)
 	eq(t, "memfd.token_prefix", MemfdTokenPrefix, c.Memfd.TokenPrefix)
 	eq(t, "memfd.token_regex", MemfdTokenRegex, c.Memfd.TokenRegex)
-	eq(t, "memfd.link_format", MemfdLinkFormat, c.Memfd.LinkFormat)
 	eq(t, "memfd.F_ADD_SEALS", FAddSeals, c.Memfd.FAddSeals)
 	eq(t, "memfd.F_GET_SEALS", FGetSeals, c.Memfd.FGetSeals)
 	eq(t, "memfd.seals", map[string]int{"F_SEAL_SEAL": SealSeal, "F_SEAL_SHRINK": SealShrink,

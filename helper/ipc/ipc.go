@@ -162,15 +162,6 @@ func (c *Conn) Send(v interface{}, fd int) error {
 // ErrClosed means the peer closed the socket.
 var ErrClosed = errors.New("peer closed the connection")
 
-// Recv receives one message into v; see RecvBody.
-func (c *Conn) Recv(v interface{}) error {
-	body, err := c.RecvBody()
-	if err != nil {
-		return err
-	}
-	return msgpack.NewDecoder(bytes.NewReader(body)).Decode(v)
-}
-
 // RecvBody receives one message and returns its msgpack body. A 0-byte
 // record, like the peer's close, is ErrClosed. Any descriptor that arrives is
 // closed and refused: the helper never expects one.

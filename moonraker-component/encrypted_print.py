@@ -271,13 +271,16 @@ class _Channel:
             if fut.done():
                 return
             try:
-                fut.set_result(self._read_record())
+                try:
+                    fut.set_result(self._read_record())
+                except ConnectionResetError:
+                    # The helper exited with our records unread; its own last
+                    # records are queued behind the reset, then end-of-file
+                    # (proto/PROTOCOL.md). Read them now: uvloop does not
+                    # call a reader again after the error event.
+                    fut.set_result(self._read_record())
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionResetError:
-                # The helper exited with unread data on its side (e.g. it
-                # refused our request before reading all of it): its end.
-                fut.set_result((b"", []))
             except HelperError as e:
                 fut.set_exception(e)
             except OSError as e:

@@ -10,6 +10,8 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 
@@ -464,3 +466,22 @@ def test_helper_answering_garbage(ep, keys, gcodes, tmp_path, run, records, word
         run(client.inspect(str(gcodes / "x.gcode"), str(gcodes)))
     assert words in ei.value.message, ei.value.message
     assert open_fds() == before
+
+
+def test_channel_reads_the_last_record_queued_behind_a_connection_reset(ep, run):
+    """A peer that exits with our records unread: Linux reports ECONNRESET
+    before the records it sent (proto/PROTOCOL.md); the answer still arrives."""
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    body = ep.frame({"type": "error", "code": "bad_request", "message": "no"})
+    try:
+        ours.send(b"unread by the peer")
+        peer.send(struct.pack(">I", len(body)) + body)
+        peer.close()
+
+        async def receive():
+            return await ep._Channel(ours).recv_message()
+        msg, fd = run(receive())
+    finally:
+        ours.close()
+    assert msg["code"] == "bad_request" and fd is None

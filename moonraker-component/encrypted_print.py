@@ -12,6 +12,7 @@ import array
 import asyncio
 import ctypes
 import fcntl
+import io
 import logging
 import os
 import pathlib
@@ -24,7 +25,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from ..common import RequestType
+from ..common import RequestType, TransportType
 
 if TYPE_CHECKING:
     from ..common import UserInfo, WebRequest
@@ -34,6 +35,10 @@ try:
     import msgpack
 except ImportError:  # reported by the component as a warning, not a crash
     msgpack = None
+try:
+    import segno  # the owner page's QR code
+except ImportError:  # the page then shows the recipient without it
+    segno = None
 
 PROTOCOL_VERSION = 1
 MAGIC = b"age-encryption.org/v1\n"
@@ -507,6 +512,7 @@ class EncryptedPrint:
             "/server/encrypted_print/recipient", RequestType.GET, self._handle_recipient)
         self.server.register_endpoint(
             "/server/encrypted_print/jobs", RequestType.GET, self._handle_jobs)
+        self.owner_page = OwnerPage(self)
 
     # -- start-up checks; each problem is one warning in Moonraker's list --
 
@@ -963,6 +969,103 @@ class EncryptedPrint:
         rows = [(str(k), v) for k, v in await self.jobs.items()]
         rows.sort(key=lambda kv: kv[0], reverse=True)  # newest first
         return {"jobs": [dict(v, id=k) for k, v in rows]}
+
+
+class OwnerPage:
+    """The printer owner's page (moonraker-component/page/) and the two
+    endpoints only it needs. It reads the component through a narrow
+    interface, so the component can change around it:
+
+    - ``server``, ``mdst`` (Moonraker's metadata storage), ``problems``,
+      ``active`` (the running ActiveJob or None);
+    - ``await _print_count(file_id: bytes) -> int``: prints used so far;
+    - ``_policy_refusal(name, res, count) -> Optional[str]``: why a file with
+      inspect result ``res`` (policy, publisher, signature_valid) won't print;
+    - ``await _handle_recipient(web_request) -> {"recipient": str}``.
+
+    The page's HTML, CSS and JS are public and hold no data (the browser that
+    navigates to the page sends no Authorization header); everything shown
+    comes from the authorised API, with the visitor's own credentials.
+    """
+
+    PREFIX = "/server/encrypted_print/page"
+    FILES = {"": ("index.html", "text/html; charset=utf-8"),
+             "/owner.js": ("owner.js", "text/javascript; charset=utf-8"),
+             "/owner.css": ("owner.css", "text/css; charset=utf-8")}
+    # A file refused for one of these refuses every file.
+    BLOCKING = ("msgpack", "helper", "identity", "uid", "bridge")
+
+    def __init__(self, component: EncryptedPrint) -> None:
+        self.ep = component
+        page_dir = pathlib.Path(os.path.realpath(__file__)).parent / "page"
+        server = component.server
+        for suffix, (name, ctype) in self.FILES.items():
+            body = (page_dir / name).read_text()  # at start-up, a few KiB
+            server.register_endpoint(
+                self.PREFIX + suffix, RequestType.GET, self._static(body),
+                transports=TransportType.HTTP, wrap_result=False,
+                content_type=ctype, auth_required=False)
+        server.register_endpoint(
+            "/server/encrypted_print/files", RequestType.GET, self._handle_files)
+        server.register_endpoint(
+            "/server/encrypted_print/recipient/qr", RequestType.GET, self._handle_qr,
+            transports=TransportType.HTTP, wrap_result=False,
+            content_type="image/svg+xml")
+
+    @staticmethod
+    def _static(body: str) -> Callable[[WebRequest], Any]:
+        async def handler(web_request: WebRequest) -> str:
+            return body
+        return handler
+
+    async def _handle_qr(self, web_request: WebRequest) -> str:
+        recipient = (await self.ep._handle_recipient(web_request))["recipient"]
+        if segno is None:
+            raise self.ep.server.error(
+                "the Python package segno is missing in Moonraker's virtualenv: run "
+                "~/moonraker-env/bin/pip install -r moonraker-component/requirements.txt "
+                "(install.sh does this)", 503)
+        out = io.BytesIO()
+        segno.make(recipient, error="m", micro=False).save(
+            out, kind="svg", scale=1, border=4, xmldecl=False,
+            title="QR code of this printer's recipient")
+        return out.getvalue().decode()
+
+    async def _handle_files(self, web_request: WebRequest) -> Dict[str, Any]:
+        """Every encrypted file in gcodes/ with what it may still do."""
+        files = []
+        blocked = next((self.ep.problems[k] for k in self.BLOCKING
+                        if k in self.ep.problems), None)
+        active = self.ep.active
+        for name, md in sorted(self.ep.mdst.metadata.items()):
+            info = md.get("encrypted_print") if isinstance(md, dict) else None
+            if isinstance(info, dict):
+                files.append(await self._file_view(name, md, info, blocked))
+        return {"files": files,
+                "printing": None if active is None else active.filename}
+
+    async def _file_view(self, name: str, md: Dict[str, Any], info: Dict[str, Any],
+                         blocked: Optional[str]) -> Dict[str, Any]:
+        policy = info.get("policy") or {}
+        limit = int(policy.get("max_prints") or 0)
+        used = 0
+        if info.get("file_id"):
+            used = await self.ep._print_count(bytes.fromhex(info["file_id"]))
+        reason: Optional[str]
+        if not info.get("authenticated"):
+            reason = info.get("reason") or f"{name} cannot be opened on this printer"
+        else:
+            reason = self.ep._policy_refusal(name, info, used) or blocked
+        return {
+            "filename": name, "size": md.get("size"), "modified": md.get("modified"),
+            "publisher": info.get("publisher"),
+            "signature_valid": bool(info.get("signature_valid")),
+            "authenticated": bool(info.get("authenticated")),
+            "max_prints": limit, "not_before": policy.get("not_before", 0),
+            "not_after": policy.get("not_after", 0),
+            "prints_used": used, "prints_left": max(limit - used, 0) if limit else None,
+            "printable": reason is None, "reason": reason,
+        }
 
 
 def disk_swap() -> str:

@@ -58,7 +58,7 @@ class Browser:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                 pages = [t for t in json.loads(r.read()) if t["type"] == "page"]
             from websockets.sync.client import connect
-            self._ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+            self._ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, legacy=True)
             self._thread = threading.Thread(target=self._reader, daemon=True)
             self._thread.start()
             for domain in ("Page", "Runtime", "Log", "Network"):
@@ -130,6 +130,16 @@ class Browser:
 
     def wait_js(self, expression: str, timeout: float = 20, what: str = "") -> Any:
         return wait_for(lambda: self.js(expression), timeout, what or expression, 0.1)
+
+    KEYS = {"Tab": (9, ""), "Enter": (13, "\r"), "Space": (32, " ")}
+
+    def press(self, key: str) -> None:
+        """A key press as the keyboard makes it (focus moves, buttons fire)."""
+        code, text = self.KEYS[key]
+        down = {"key": " " if key == "Space" else key, "code": key,
+                "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code}
+        self.call("Input.dispatchKeyEvent", type="keyDown", text=text, **down)
+        self.call("Input.dispatchKeyEvent", type="keyUp", **down)
 
     def viewport(self, width: int, height: int, mobile: bool = False) -> None:
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,

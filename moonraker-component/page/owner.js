@@ -41,9 +41,11 @@ function el(tag, text, cls) {
 }
 
 function cell(row, label, main, sub, cls) {
-  const td = el('td', main, cls);
+  const td = el('td', null, cls);
   td.dataset.label = label;
-  if (sub) td.append(el('small', sub));
+  const box = el('div', main);  // one grid item beside the label at phone width
+  if (sub) box.append(el('small', sub));
+  td.append(box);
   row.append(td);
   return td;
 }
@@ -79,7 +81,7 @@ function renderStatus(st) {
 }
 
 function renderRecipient(recipient) {
-  $('recipient').value = recipient;
+  $('recipient').textContent = recipient;
   recipientShown = true;
 }
 
@@ -132,8 +134,11 @@ function renderJobs(jobs) {
     const res = j.result || '';
     cell(row, 'Result', RESULTS[res] || res, '',
       res === 'complete' ? 'good' : (res === 'printing' ? 'note' : ''));
-    cell(row, 'User', j.user || 'trusted client', '', j.user ? '' : 'muted');
-    cell(row, 'Decrypt', j.decrypt_ms ? (j.decrypt_ms / 1000).toFixed(1) + ' s' : '', '', 'num');
+    const trusted = !j.user || j.user === '_TRUSTED_USER_';
+    cell(row, 'User', trusted ? 'trusted client' : j.user, '', trusted ? 'muted' : '');
+    const ms = j.decrypt_ms;
+    cell(row, 'Decrypt', ms === undefined || ms === null ? ''
+      : (ms < 1000 ? Math.round(ms) + ' ms' : (ms / 1000).toFixed(1) + ' s'), '', 'num');
     body.append(row);
   }
 }
@@ -205,19 +210,27 @@ $('login').addEventListener('submit', async (ev) => {
   }
 });
 
+function selectRecipient() {
+  const range = document.createRange();
+  range.selectNodeContents($('recipient'));
+  const sel = window.getSelection();
+  sel.removeAllRanges();
+  sel.addRange(range);
+}
+
 $('copy').addEventListener('click', async () => {
-  const text = $('recipient').value;
+  const text = $('recipient').textContent;
   let ok = false;
   if (navigator.clipboard && window.isSecureContext) {
     try { await navigator.clipboard.writeText(text); ok = true; } catch (e) { /* below */ }
   }
   if (!ok) {  // plain http on the LAN has no clipboard API
-    $('recipient').select();
+    selectRecipient();
     ok = document.execCommand('copy');
   }
-  $('copied').textContent = ok ? 'Copied.' : 'Select the text and copy it.';
+  $('copied').textContent = ok ? 'Copied.' : 'Selected: press Ctrl+C (or ⌘C) to copy.';
 });
-$('recipient').addEventListener('focus', () => $('recipient').select());
+$('recipient').addEventListener('focus', selectRecipient);
 
 // -- live updates: Moonraker's websocket (JSON-RPC) --
 

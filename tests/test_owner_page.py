@@ -140,9 +140,15 @@ def test_keyboard_copies_the_recipient_and_phone_width_fits(enc_stack, binaries,
     st = enc_stack(keys)
     st.upload_encrypted("a-rather-long-file-name-from-the-slicer_0.2mm_PLA_2h13m.gcode",
                         sample_gcode(layers=2), "--max-prints", "3")
+    # A file name is someone else's text, never markup.
+    trap = "<img src=x onerror=window.pwned=1>.gcode"
+    st.upload_encrypted(trap, sample_gcode(layers=2))
     browser.viewport(390, 844, mobile=True)
     browser.open(st.moonraker.url + PAGE)
     browser.wait_js("document.body.dataset.loaded")
+    assert cells(browser, "files", trap)[0] == trap
+    assert browser.js("document.querySelectorAll('#files img').length") == 0
+    assert browser.js("window.pwned") is None
     # Nothing is wider than the phone.
     assert browser.js("document.documentElement.scrollWidth") <= 390
     # Tab from the recipient reaches the Copy button; Enter copies.

@@ -220,3 +220,28 @@ def test_with_moonraker_logins_the_page_asks_for_a_user_and_shows_nothing_before
                 "(Invalid Password) (" + base + "/access/login)")
     errors = [e for e in browser.console_errors if not e.startswith(expected)]
     assert errors == [], browser.console_errors
+
+
+def test_without_segno_the_page_shows_the_recipient_and_says_how_to_get_the_qr(
+        request, binaries, browser, tmp_path):
+    # Moonraker's virtualenv without segno, simulated: a module on
+    # PYTHONPATH that fails to import, as a missing package does.
+    shadow = tmp_path / "no-segno"
+    shadow.mkdir()
+    (shadow / "segno.py").write_text("raise ImportError('No module named segno')\n")
+    keys = Keys(binaries, tmp_path / "keys")
+    st = EncStack(tmp_path / "stack", keys)
+    request.node._encprint_stack = st
+    st.start(env={"PYTHONPATH": str(shadow)})
+    try:
+        browser.open(st.moonraker.url + PAGE)
+        browser.wait_js("document.body.dataset.loaded")
+        assert browser.js("document.getElementById('recipient').textContent") == keys.recipient
+        assert browser.js("document.getElementById('qr').hidden") is True
+        note = browser.js("document.getElementById('copied').textContent")
+        assert "segno is missing in Moonraker's virtualenv" in note, note
+        assert "pip install -r" in note
+        # The only console entry is the QR request's 503.
+        assert [e for e in browser.console_errors if "status of 503" not in e] == []
+    finally:
+        st.stop()

@@ -999,12 +999,20 @@ class OwnerPage:
         self.ep = component
         page_dir = pathlib.Path(os.path.realpath(__file__)).parent / "page"
         server = component.server
-        for suffix, (name, ctype) in self.FILES.items():
-            body = (page_dir / name).read_text()  # at start-up, a few KiB
+        try:  # at start-up: a few KiB
+            bodies = {sfx: (page_dir / name).read_text()
+                      for sfx, (name, _) in self.FILES.items()}
+        except OSError as e:
+            bodies = {}
+            msg = (f"the owner page is missing ({e.strerror}: {e.filename}); the "
+                   "component must be linked from a full checkout: run install.sh")
+            logging.warning(f"encrypted_print: {msg}")
+            server.add_warning(f"[encrypted_print]: {msg}", "encrypted_print_page")
+        for suffix, body in bodies.items():
             server.register_endpoint(
                 self.PREFIX + suffix, RequestType.GET, self._static(body),
                 transports=TransportType.HTTP, wrap_result=False,
-                content_type=ctype, auth_required=False)
+                content_type=self.FILES[suffix][1], auth_required=False)
         server.register_endpoint(
             "/server/encrypted_print/files", RequestType.GET, self._handle_files)
         server.register_endpoint(

@@ -245,3 +245,45 @@ def test_without_segno_the_page_shows_the_recipient_and_says_how_to_get_the_qr(
         assert [e for e in browser.console_errors if "status of 503" not in e] == []
     finally:
         st.stop()
+
+
+def test_a_component_without_its_page_folder_still_prints_and_says_so(
+        request, binaries, tmp_path, monkeypatch):
+    # encrypted_print.py copied alone into Moonraker (not linked from a
+    # checkout): the page's files are not beside it.
+    import stack as stack_module
+    lone = tmp_path / "lone" / "encrypted_print.py"
+    lone.parent.mkdir()
+    shutil.copy(stack_module.COMPONENT_SRC, lone)
+    link = stack_module.moonraker_components_dir() / "encrypted_print.py"
+    install_linked = stack_module.install_plugins
+
+    def install_lone() -> None:
+        install_linked()
+        link.unlink()
+        link.symlink_to(lone)
+    monkeypatch.setattr(stack_module, "install_plugins", install_lone)
+    keys = Keys(binaries, tmp_path / "keys")
+    st = EncStack(tmp_path / "stack", keys)
+    request.node._encprint_stack = st
+    try:
+        st.start()
+        warnings = st.ui.get("/server/info")["result"]["warnings"]
+        assert any("the owner page is missing" in w and "install.sh" in w
+                   and str(lone.parent / "page") in w for w in warnings), warnings
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(st.moonraker.url + PAGE, timeout=10)
+        assert ei.value.code == 404
+        # Everything else works: the API of the page, and printing.
+        st.upload_encrypted("part.gcode", sample_gcode(layers=2), "--max-prints", "2")
+        st.ui.start_print("part.gcode")
+        st.wait_state("complete")
+        files = wait_for(lambda: [f for f in st.ui.get("/server/encrypted_print/files")
+                                  ["result"]["files"] if f["prints_used"] == 1], 10,
+                         "the print to be counted")
+        assert files[0]["prints_left"] == 1 and files[0]["printable"] is True
+    finally:
+        st.stop()
+        monkeypatch.undo()
+        install_linked()
+    assert os.readlink(link) == str(stack_module.COMPONENT_SRC)

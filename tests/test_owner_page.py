@@ -210,6 +210,12 @@ def test_with_moonraker_logins_the_page_asks_for_a_user_and_shows_nothing_before
     wait_for(lambda: cells(browser, "jobs", "secret-project.gcode")[3:4] == ["complete"], 30,
              "the logged-in page to show the print")
     assert cells(browser, "jobs", "secret-project.gcode")[4] == "owner"
+    # An access token that no longer works (they last an hour) is renewed
+    # with the refresh token, without asking the user again.
+    browser.js("token = 'expired.or.garbled'; refresh()")
+    browser.wait_js("token !== 'expired.or.garbled'", what="the renewed token")
+    assert browser.js("document.getElementById('login').hidden") is True
+    assert browser.js("document.getElementById('content').hidden") is False
     # The token lives in this tab only, never in the page's address.
     assert "token" not in browser.js("location.href")
     assert browser.js("localStorage.length") == 0

@@ -7,15 +7,46 @@
 const BASE = location.pathname.replace(/\/server\/encrypted_print\/page\/?$/, '');
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem('encprint-token');
+let refreshToken = sessionStorage.getItem('encprint-refresh');
+let renewing = null;
 let recipientShown = false;
 
 class AuthError extends Error {}
 
-async function api(path, options = {}) {
+function setTokens(access, refresh) {
+  token = access;
+  refreshToken = refresh;
+  for (const [key, value] of [['encprint-token', access], ['encprint-refresh', refresh]]) {
+    if (value) sessionStorage.setItem(key, value); else sessionStorage.removeItem(key);
+  }
+}
+
+// Moonraker's access tokens last an hour; its refresh token renews them.
+async function renew() {
+  try {
+    const res = await fetch(BASE + '/access/refresh_jwt', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ refresh_token: refreshToken }),
+    });
+    if (!res.ok) return false;
+    setTokens((await res.json()).result.token, refreshToken);
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+
+async function api(path, options = {}, retry = true) {
   const headers = Object.assign({}, options.headers);
   if (token) headers.Authorization = 'Bearer ' + token;
   const res = await fetch(BASE + path, Object.assign({}, options, { headers }));
-  if (res.status === 401) throw new AuthError('login needed');
+  if (res.status === 401) {
+    if (retry && refreshToken) {
+      renewing = renewing || renew().finally(() => { renewing = null; });
+      if (await renewing) return api(path, options, false);
+    }
+    throw new AuthError('login needed');
+  }
   if (!res.ok) {
     let msg = res.status + ' ' + res.statusText;
     try { msg = (await res.json()).error.message; } catch (e) { /* not JSON */ }
@@ -181,8 +212,7 @@ function showError(msg) {
 }
 
 function needLogin() {
-  token = null;
-  sessionStorage.removeItem('encprint-token');
+  setTokens(null, null);
   $('content').hidden = true;
   $('login').hidden = false;
   setLive(false, 'Not logged in');
@@ -200,8 +230,7 @@ $('login').addEventListener('submit', async (ev) => {
     });
     const body = await res.json();
     if (!res.ok) throw new Error(body.error ? body.error.message : res.statusText);
-    token = body.result.token;
-    sessionStorage.setItem('encprint-token', token);
+    setTokens(body.result.token, body.result.refresh_token);
     $('password').value = '';
     await refresh();
     connect();

@@ -997,7 +997,9 @@ class OwnerPage:
 
     def __init__(self, component: EncryptedPrint) -> None:
         self.ep = component
-        page_dir = pathlib.Path(os.path.realpath(__file__)).parent / "page"
+        here = pathlib.Path(os.path.realpath(__file__)).parent
+        page_dir = here / "page"
+        self.requirements = here / "requirements.txt"
         server = component.server
         try:  # at start-up: a few KiB
             bodies = {sfx: (page_dir / name).read_text()
@@ -1031,7 +1033,7 @@ class OwnerPage:
         if segno is None:
             raise self.ep.server.error(
                 "the Python package segno is missing in Moonraker's virtualenv: run "
-                "~/moonraker-env/bin/pip install -r moonraker-component/requirements.txt "
+                f"~/moonraker-env/bin/pip install -r {self.requirements} "
                 "(install.sh does this)", 503)
         out = io.BytesIO()
         segno.make(recipient, error="m", micro=False).save(

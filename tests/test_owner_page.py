@@ -62,12 +62,14 @@ def cells(browser: Browser, table: str, filename: str) -> list:
 
 
 def qr_text(browser: Browser, path: pathlib.Path) -> str:
-    """What a phone's camera reads from the QR code on the screen."""
-    browser.screenshot(path, full_page=False, clip=browser.rect("#qr"))
-    res = subprocess.run(["zbarimg", "--raw", "-q", str(path)], capture_output=True,
-                         text=True)
-    assert res.returncode == 0, f"zbarimg read no QR code in {path}: {res.stderr}"
-    return res.stdout.strip()
+    """What a phone's camera reads from the QR code on the screen. The page
+    may still be moving (a live update landing); read until a code is seen."""
+    def read() -> str:
+        browser.screenshot(path, full_page=False, clip=browser.rect("#qr"))
+        res = subprocess.run(["zbarimg", "--raw", "-q", str(path)], capture_output=True,
+                             text=True)
+        return res.stdout.strip() if res.returncode == 0 else ""
+    return wait_for(read, 10, f"zbarimg to read a QR code in {path}", 0.3)
 
 
 def keep_screenshot(browser: Browser, tmp_path: pathlib.Path, name: str) -> None:

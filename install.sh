@@ -117,7 +117,7 @@ install_requirements() {
     step "Installing the component's Python requirement into $MOONRAKER_ENV"
     "$MOONRAKER_ENV/bin/python" -m pip install -q --disable-pip-version-check \
         -r "$REPO/moonraker-component/requirements.txt"
-    info "$(cat "$REPO/moonraker-component/requirements.txt") installed"
+    info "$(tr '\n' ' ' < "$REPO/moonraker-component/requirements.txt")installed"
 }
 
 go_ok() {  # a Go new enough for go.mod
@@ -211,6 +211,20 @@ info_tags:
     add_config "$DATA/config/printer.cfg" "[encrypted_file_bridge]"
 }
 
+add_mainsail_link() {
+    step "Linking the owner page in Mainsail's sidebar ($DATA/config/.theme/navi.json)"
+    local res
+    if ! res=$(python3 "$REPO/scripts/mainsail_navi.py" add "$DATA/config" 2>&1); then
+        info "not linked: $res"
+        return
+    fi
+    case "$res" in
+        created) info "created navi.json with the link \"Encrypted prints\"" ;;
+        added) info "added the link \"Encrypted prints\"; the other entries are unchanged" ;;
+        present) info "navi.json already has the link" ;;
+    esac
+}
+
 restart_services() {
     if [ "$RESTART" -eq 0 ]; then
         step "Not restarting (--no-restart): restart $KLIPPER_SERVICE and $MOONRAKER_SERVICE yourself"
@@ -233,8 +247,11 @@ main() {
     provision_helper
     create_identity
     configure
+    add_mainsail_link
     restart_services
-    printf '\nDone. This printer'"'"'s recipient (give it to whoever encrypts files for you):\n\n    %s\n\n' "$RECIPIENT"
+    printf '\nDone. The owner page: http://<this printer>/server/encrypted_print/page\n'
+    printf '(Mainsail: "Encrypted prints" in the sidebar). This printer'"'"'s recipient\n'
+    printf '(give it to whoever encrypts files for you):\n\n    %s\n\n' "$RECIPIENT"
 }
 
 main "$@"

@@ -73,6 +73,9 @@ for f in "$DATA/config/moonraker.conf" "$DATA/config/printer.cfg"; do
     rm -f "$f.encprint-backup"
 done
 
+step "Removing the owner page's link from Mainsail's sidebar"
+info "$DATA/config/.theme/navi.json: $(python3 "$REPO/scripts/mainsail_navi.py" remove "$DATA/config" 2>&1 || true)"
+
 if [ "$REMOVE_IDENTITY" -eq 1 ]; then
     step "Removing the printer identity $IDENTITY"
     rm -f "$IDENTITY"

@@ -22,6 +22,7 @@ import array
 import asyncio
 import ctypes
 import fcntl
+import io
 import logging
 import os
 import pathlib
@@ -34,7 +35,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
-from ..common import RequestType
+from ..common import RequestType, TransportType
 
 if TYPE_CHECKING:
     from ..common import UserInfo, WebRequest
@@ -49,6 +50,10 @@ try:
     import msgpack
 except ImportError:  # reported by the component as a warning, not a crash
     msgpack = None
+try:
+    import segno  # the owner page's QR code
+except ImportError:  # the page then shows the recipient without it
+    segno = None
 
 # -- the contract with the helper and the Klipper extra -----------------------
 # Every value here is in proto/contract.json; tests/test_contract.py fails when
@@ -1129,6 +1134,113 @@ class PrintStarter:
             self.report_error(f"cannot prepare {filename}: {e}")
 
 
+class OwnerPage:
+    """The printer owner's page (moonraker-component/page/) and the two
+    endpoints only it needs. It reads the component through a narrow
+    interface, so the component can change around it:
+
+    - ``server``, ``metadata.mdst`` (Moonraker's metadata storage),
+      ``diagnostics.problems``, ``jobs.active`` (the running ActiveJob or None);
+    - ``await records.used(file_id_hex) -> int``: prints used so far;
+    - ``policy.refusal(name, res, used) -> Optional[str]``: why a file with
+      inspect result ``res`` (policy, publisher, signature_valid) won't print;
+    - ``await _handle_recipient(web_request) -> {"recipient": str}``.
+
+    The page's HTML, CSS and JS are public and hold no data (the browser that
+    navigates to the page sends no Authorization header); everything shown
+    comes from the authorised API, with the visitor's own credentials.
+    """
+
+    PREFIX = "/server/encrypted_print/page"
+    FILES = {"": ("index.html", "text/html; charset=utf-8"),
+             "/owner.js": ("owner.js", "text/javascript; charset=utf-8"),
+             "/owner.css": ("owner.css", "text/css; charset=utf-8")}
+    # A file refused for one of these refuses every file.
+    BLOCKING = ("msgpack", "helper", "identity", "uid", "bridge")
+
+    def __init__(self, component: EncryptedPrint) -> None:
+        self.ep = component
+        here = pathlib.Path(os.path.realpath(__file__)).parent
+        page_dir = here / "page"
+        self.requirements = here / "requirements.txt"
+        server = component.server
+        try:  # at start-up: a few KiB
+            bodies = {sfx: (page_dir / name).read_text()
+                      for sfx, (name, _) in self.FILES.items()}
+        except OSError as e:
+            bodies = {}
+            msg = (f"the owner page is missing ({e.strerror}: {e.filename}); the "
+                   "component must be linked from a full checkout: run install.sh")
+            logging.warning(f"encrypted_print: {msg}")
+            server.add_warning(f"[encrypted_print]: {msg}", "encrypted_print_page")
+        for suffix, body in bodies.items():
+            server.register_endpoint(
+                self.PREFIX + suffix, RequestType.GET, self._static(body),
+                transports=TransportType.HTTP, wrap_result=False,
+                content_type=self.FILES[suffix][1], auth_required=False)
+        server.register_endpoint(
+            "/server/encrypted_print/files", RequestType.GET, self._handle_files)
+        server.register_endpoint(
+            "/server/encrypted_print/recipient/qr", RequestType.GET, self._handle_qr,
+            transports=TransportType.HTTP, wrap_result=False,
+            content_type="image/svg+xml")
+
+    @staticmethod
+    def _static(body: str) -> Callable[[WebRequest], Any]:
+        async def handler(web_request: WebRequest) -> str:
+            return body
+        return handler
+
+    async def _handle_qr(self, web_request: WebRequest) -> str:
+        recipient = (await self.ep._handle_recipient(web_request))["recipient"]
+        if segno is None:
+            raise self.ep.server.error(
+                "the Python package segno is missing in Moonraker's virtualenv: run "
+                f"~/moonraker-env/bin/pip install -r {self.requirements} "
+                "(install.sh does this)", 503)
+        out = io.BytesIO()
+        segno.make(recipient, error="m", micro=False).save(
+            out, kind="svg", scale=1, border=4, xmldecl=False,
+            title="QR code of this printer's recipient")
+        return out.getvalue().decode()
+
+    async def _handle_files(self, web_request: WebRequest) -> Dict[str, Any]:
+        """Every encrypted file in gcodes/ with what it may still do."""
+        files = []
+        problems = self.ep.diagnostics.problems
+        blocked = next((problems[k] for k in self.BLOCKING if k in problems), None)
+        active = self.ep.jobs.active
+        for name, md in sorted(self.ep.metadata.mdst.metadata.items()):
+            info = md.get("encrypted_print") if isinstance(md, dict) else None
+            if isinstance(info, dict):
+                files.append(await self._file_view(name, md, info, blocked))
+        return {"files": files,
+                "printing": None if active is None else active.filename}
+
+    async def _file_view(self, name: str, md: Dict[str, Any], info: Dict[str, Any],
+                         blocked: Optional[str]) -> Dict[str, Any]:
+        policy = info.get("policy") or {}
+        limit = int(policy.get("max_prints") or 0)
+        used = 0
+        if info.get("file_id"):
+            used = await self.ep.records.used(info["file_id"])
+        reason: Optional[str]
+        if not info.get("authenticated"):
+            reason = info.get("reason") or f"{name} cannot be opened on this printer"
+        else:
+            reason = self.ep.policy.refusal(name, info, used) or blocked
+        return {
+            "filename": name, "size": md.get("size"), "modified": md.get("modified"),
+            "publisher": info.get("publisher"),
+            "signature_valid": bool(info.get("signature_valid")),
+            "authenticated": bool(info.get("authenticated")),
+            "max_prints": limit, "not_before": policy.get("not_before", 0),
+            "not_after": policy.get("not_after", 0),
+            "prints_used": used, "prints_left": max(limit - used, 0) if limit else None,
+            "printable": reason is None, "reason": reason,
+        }
+
+
 def disk_swap() -> str:
     """The first active swap area that is not zram, or ''."""
     try:
@@ -1170,6 +1282,7 @@ class EncryptedPrint:
         self._reconciled = False
         self._register_events()
         self._register_endpoints()
+        self.owner_page = OwnerPage(self)
 
     def _register_events(self) -> None:
         self.server.register_event_handler(

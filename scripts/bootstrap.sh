@@ -15,6 +15,8 @@ command -v age >/dev/null 2>&1 || need_pkgs+=(age)         # interoperability te
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 command -v shellcheck >/dev/null 2>&1 || need_pkgs+=(shellcheck)  # lint of the install scripts
 command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)     # install tests run as a plain user
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)      # the owner page's browser tests
+command -v zbarimg >/dev/null 2>&1 || need_pkgs+=(zbar-tools)     # ... which read its QR code back
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     step "installing system packages: ${need_pkgs[*]}"
     SUDO=""

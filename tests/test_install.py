@@ -5,6 +5,7 @@ that user, print an encrypted upload."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -296,3 +297,50 @@ def test_without_go_or_a_release_the_error_names_the_remedy(home):
     assert "release tag 'none'" in res.stderr
     assert f"run: {home.repo}/install.sh" in res.stderr
     home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")
+
+
+def test_mainsail_link_is_added_beside_other_entries_and_removed_alone(home):
+    theme = home.config / ".theme"
+    navi = theme / "navi.json"
+    theirs = ('[\n  {"title": "Spoolman", "href": "http://printer.local:7912",\n'
+              '   "icon": "M3 3h18v18H3z", "position": 85}\n]\n')
+
+    def write(text: str) -> None:
+        theme.mkdir(exist_ok=True)
+        navi.write_text(text)
+        if AS_USER:
+            subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(theme)], check=True)
+
+    # Beside an entry of someone else's: that entry stays as it was.
+    write(theirs)
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    assert "added the link" in res.stdout
+    entries = json.loads(navi.read_text())
+    assert entries[0] == json.loads(theirs)[0]
+    assert entries[1]["href"] == "/server/encrypted_print/page"
+    assert entries[1]["title"] == "Encrypted prints" and entries[1]["target"] == "_blank"
+    assert entries[1]["icon"].startswith("M")  # an SVG path, as Mainsail draws icons
+    installed = navi.read_text()
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    assert "already has the link" in res.stdout and navi.read_text() == installed
+    home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart", check=True)
+    assert navi.read_text() == theirs
+
+    # No navi.json yet: install creates it, uninstall deletes it again.
+    navi.unlink()
+    theme.rmdir()
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    assert "created navi.json" in res.stdout
+    assert [e["href"] for e in json.loads(navi.read_text())] == ["/server/encrypted_print/page"]
+    home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart", check=True)
+    assert not theme.exists()
+
+    # A broken navi.json is left alone, and the install goes on.
+    write("{not json")
+    res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+    assert "not linked:" in res.stdout and "is not valid JSON" in res.stdout
+    assert navi.read_text() == "{not json"
+    home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart", check=True)
+    assert navi.read_text() == "{not json"
+    navi.unlink()
+    theme.rmdir()

@@ -116,7 +116,7 @@ def test_page_shows_the_printer_and_follows_uploads_and_prints_live(
     wait_for(lambda: cells(browser, "files", "bracket.gcode")[3].startswith("0 of 1"), 20,
              "the page to show the print used")
     row = cells(browser, "files", "bracket.gcode")
-    assert "may be printed 1 time(s) and all 1 have been used" in row[4], row
+    assert "may be printed only once, and it has been printed already" in row[4], row
     wait_for(lambda: cells(browser, "jobs", "bracket.gcode")[3:4] == ["complete"], 20,
              f"the page's record to show the print: {cells(browser, 'jobs', 'bracket.gcode')}")
     assert cells(browser, "jobs", "bracket.gcode")[2] == "#1"

@@ -12,6 +12,7 @@ import array
 import asyncio
 import ctypes
 import fcntl
+import io
 import logging
 import os
 import pathlib
@@ -429,6 +430,41 @@ PUBKEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
 UNSENDABLE = re.compile(r"[\x00-\x1f\x7f;#*]")
 GCODE_UNSAFE = re.compile(r"[\x00-\x1f\x7f;#*\"]")
 FINISHED_STATES = ("complete", "cancelled", "error")
+# The public metadata fields a file may carry (docs/format.md), as Moonraker's
+# parser types them: the only keys the component copies into Moonraker's
+# metadata, so a crafted file cannot set size, job_id or encrypted_print.
+METADATA_FIELDS = {
+    "slicer": "str", "slicer_version": "str", "estimated_time": "number",
+    "filament_total": "number", "filament_weight_total": "number",
+    "filament_type": "str", "filament_name": "str", "layer_height": "number",
+    "first_layer_height": "number", "object_height": "number",
+    "nozzle_diameter": "number", "layer_count": "int", "gcode_start_byte": "int",
+    "gcode_end_byte": "int", "first_layer_extr_temp": "number",
+    "first_layer_bed_temp": "number", "chamber_temp": "number",
+    "filament_colors": "str_list", "extruder_colors": "str_list",
+    "filament_temps": "int_list", "referenced_tools": "int_list", "mmu_print": "int",
+    "filament_change_count": "int", "filament_weights": "float_list",
+    "printer_vendor": "str", "printer_model": "str", "printer_variant": "str",
+    "profile_version": "str",
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return num(value)
+    if not isinstance(value, list):
+        return False
+    if kind == "str_list":
+        return all(isinstance(v, str) for v in value)
+    if kind == "int_list":
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return all(isinstance(v, float) for v in value)
 
 
 class PrintRefused(Exception):
@@ -617,17 +653,22 @@ class EncryptedPrint:
             if refusal is not None:
                 info["reason"] = refusal
         pub = res.get("metadata") or {}
-        thumbs = self._write_thumbnails(path, pub.pop("thumbnails", None) or [])
+        thumbs = await self.eventloop.run_in_thread(
+            self._write_thumbnails, path, pub.pop("thumbnails", None) or [])
         self._store_metadata(fname, md, info, pub, thumbs)
 
     def _store_metadata(self, fname: str, md: Dict[str, Any], info: Dict[str, Any],
                         public: Optional[Dict[str, Any]] = None,
                         thumbs: Optional[List[Dict[str, Any]]] = None) -> None:
-        # What Moonraker's parser guessed from ciphertext is meaningless.
+        """Replace what Moonraker's parser guessed from the ciphertext by the
+        fields the encryptor published: Moonraker's own field names and
+        types, computed on the cleartext (docs/adr/006-metadata-parity.md)."""
         keep = {k: md[k] for k in ("size", "modified", "uuid", "file_processors",
                                    "print_start_time", "job_id") if k in md}
-        keep.update({k: v for k, v in (public or {}).items()
-                     if isinstance(v, (int, float, str)) and v not in ("", 0)})
+        for key, value in (public or {}).items():
+            kind = METADATA_FIELDS.get(key)
+            if kind is not None and _is_kind(value, kind):
+                keep[key] = value
         keep.setdefault("slicer", "Unknown")
         if thumbs:
             keep["thumbnails"] = thumbs
@@ -636,25 +677,56 @@ class EncryptedPrint:
 
     def _write_thumbnails(self, path: str, thumbs: List[Dict[str, Any]]
                           ) -> List[Dict[str, Any]]:
-        """Write the published previews where Moonraker writes a slicer's."""
+        """Write the published previews as Moonraker writes a slicer's: QOI
+        converted to PNG, and a 32x32 PNG made from the largest when the
+        slicer gave none. Blocking (Pillow): run it in a thread."""
         out: List[Dict[str, Any]] = []
         thumb_dir = os.path.join(os.path.dirname(path), ".thumbs")
         base = os.path.splitext(os.path.basename(path))[0]
+        has_miniature = False
         for t in thumbs:
-            ext = {"png": "png", "jpg": "jpg"}.get(str(t.get("format")))
-            data = t.get("data")
-            if ext is None or not isinstance(data, bytes):
-                continue  # QOI previews: no UI shows them
-            name = f"{base}-{t['width']}x{t['height']}.{ext}"
+            fmt, data = t.get("format"), t.get("data")
+            w, h = t.get("width"), t.get("height")
+            if (fmt not in ("png", "jpg", "qoi") or not isinstance(data, bytes)
+                    or not isinstance(w, int) or not isinstance(h, int)):
+                continue
+            ext = "png" if fmt == "qoi" else fmt
+            name = f"{base}-{w}x{h}.{ext}"
+            dest = os.path.join(thumb_dir, name)
             try:
                 os.makedirs(thumb_dir, exist_ok=True)
-                with open(os.path.join(thumb_dir, name), "wb") as f:
-                    f.write(data)
-            except OSError as e:
+                if ext != fmt:
+                    from PIL import Image  # Moonraker's own dependency
+                    with Image.open(io.BytesIO(data)) as im:
+                        im.save(dest)
+                else:
+                    with open(dest, "wb") as f:
+                        f.write(data)
+                size = os.path.getsize(dest)
+            except Exception as e:  # noqa: BLE001 - a bad image is skipped, as Moonraker does
                 logging.warning(f"encrypted_print: cannot write thumbnail {name}: {e}")
                 continue
-            out.append({"width": t["width"], "height": t["height"], "size": len(data),
+            out.append({"width": w, "height": h, "size": size,
                         "relative_path": os.path.join(".thumbs", name)})
+            has_miniature = has_miniature or (w == 32 and h == 32)
+        if out and not has_miniature:
+            largest = out[0]
+            for item in out:
+                if item["size"] > largest["size"]:
+                    largest = item
+            small = f"{base}-32x32.png"
+            try:
+                from PIL import Image
+                src = os.path.join(thumb_dir, os.path.basename(largest["relative_path"]))
+                with Image.open(src) as im:
+                    im.thumbnail((32, 32))
+                    im.save(os.path.join(thumb_dir, small), format="PNG")
+                    out.insert(0, {"width": im.width, "height": im.height,
+                                   "size": os.path.getsize(os.path.join(thumb_dir, small)),
+                                   "relative_path": os.path.join(".thumbs", small)})
+            except Exception as e:  # noqa: BLE001 - as Moonraker: no miniature then
+                logging.warning(f"encrypted_print: cannot make the 32x32 thumbnail "
+                                f"of {os.path.basename(path)}: {e}")
         return out
 
     @staticmethod

@@ -102,7 +102,7 @@ func TestRoundTripSizes(t *testing.T) {
 func TestMetadataPolicySignatureRoundTrip(t *testing.T) {
 	id := newID(t)
 	_, priv, _ := ed25519.GenerateKey(nil)
-	md := &Metadata{Slicer: "PrusaSlicer", SlicerVersion: "2.7.1", EstimatedTime: 754, LayerCount: 20,
+	md := &Metadata{Values: map[string]any{"slicer": "PrusaSlicer", "slicer_version": "2.7.1", "estimated_time": 754.0, "layer_count": int64(20)},
 		Thumbnails: []Thumbnail{{Width: 32, Height: 32, Format: "png", Data: []byte("\x89PNG...")}}}
 	pol := &Policy{MaxPrints: 3, NotAfter: 4102444800}
 	plain := pattern(100_000)
@@ -112,7 +112,7 @@ func TestMetadataPolicySignatureRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.Metadata.Slicer != "PrusaSlicer" || p.Metadata.Thumbnails[0].Width != 32 || p.Policy.MaxPrints != 3 || len(p.FileID) != 16 {
+	if p.Metadata.String("slicer") != "PrusaSlicer" || p.Metadata.Thumbnails[0].Width != 32 || p.Policy.MaxPrints != 3 || len(p.FileID) != 16 {
 		t.Fatalf("public parts not as written: %+v %+v", p.Metadata, p.Policy)
 	}
 	if h.Recipients() != 1 {
@@ -146,7 +146,7 @@ func TestTamperingIsRejected(t *testing.T) {
 	_, priv, _ := ed25519.GenerateKey(nil)
 	plain := pattern(3*chunkSize + 100)
 	ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
-		Metadata: &Metadata{Slicer: "PrusaSlicer"}, Signer: priv})
+		Metadata: &Metadata{Values: map[string]any{"slicer": "PrusaSlicer"}}, Signer: priv})
 	h, _ := ParseHeader(bytes.NewReader(ct))
 	hs := int(h.Size())
 	payload := hs + nonceSize
@@ -349,7 +349,7 @@ func TestInteropWithAgeCommand(t *testing.T) {
 	}
 
 	ours := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
-		Metadata: &Metadata{Slicer: "x", Thumbnails: []Thumbnail{{Width: 1, Height: 1, Format: "png", Data: []byte{1}}}}})
+		Metadata: &Metadata{Values: map[string]any{"slicer": "x"}, Thumbnails: []Thumbnail{{Width: 1, Height: 1, Format: "png", Data: []byte{1}}}}})
 	cmd = exec.Command("age", "-d", "-i", keyFile)
 	cmd.Stdin = bytes.NewReader(ours)
 	out, err := cmd.Output()
@@ -362,7 +362,7 @@ func FuzzParseHeader(f *testing.F) {
 	id, _ := age.GenerateX25519Identity()
 	var b bytes.Buffer
 	Encrypt(&b, bytes.NewReader([]byte("G1 X1\n")), EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
-		Metadata: &Metadata{Slicer: "PrusaSlicer", LayerCount: 3}})
+		Metadata: &Metadata{Values: map[string]any{"slicer": "PrusaSlicer", "layer_count": int64(3)}}})
 	f.Add(b.Bytes())
 	f.Add([]byte(Magic + "\n-> X25519 abc\n\n--- AAAA\n"))
 	f.Add([]byte("G28\n"))

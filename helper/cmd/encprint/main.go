@@ -436,15 +436,19 @@ func inspect(args []string) error {
 		fmt.Printf("signed:      INVALID signature claiming %s\n", in.Publisher)
 	}
 	if md := p.Metadata; md != nil {
-		fmt.Printf("slicer:      %s %s\n", md.Slicer, md.SlicerVersion)
-		if md.EstimatedTime > 0 {
-			fmt.Printf("estimated:   %s\n", time.Duration(md.EstimatedTime*float64(time.Second)).Round(time.Second))
+		fmt.Printf("slicer:      %s %s\n", md.String("slicer"), md.String("slicer_version"))
+		if t := md.Float("estimated_time"); t > 0 {
+			fmt.Printf("estimated:   %s\n", time.Duration(t*float64(time.Second)).Round(time.Second))
 		}
-		if md.FilamentTotal > 0 {
-			fmt.Printf("filament:    %.1f mm, %.2f g %s %s\n", md.FilamentTotal, md.FilamentWeightTotal, md.FilamentType, md.FilamentName)
+		if f := md.Float("filament_total"); f > 0 {
+			fmt.Printf("filament:    %.1f mm, %.2f g %s %s\n", f, md.Float("filament_weight_total"),
+				md.String("filament_type"), md.String("filament_name"))
 		}
-		if md.LayerCount > 0 || md.LayerHeight > 0 {
-			fmt.Printf("layers:      %d x %.2f mm, object %.2f mm high\n", md.LayerCount, md.LayerHeight, md.ObjectHeight)
+		if n, lh := md.Float("layer_count"), md.Float("layer_height"); n > 0 || lh > 0 {
+			fmt.Printf("layers:      %.0f x %.2f mm, object %.2f mm high\n", n, lh, md.Float("object_height"))
+		}
+		if md.Values["gcode_start_byte"] != nil {
+			fmt.Printf("g-code:      bytes %.0f to %.0f of the cleartext\n", md.Float("gcode_start_byte"), md.Float("gcode_end_byte"))
 		}
 		for _, t := range md.Thumbnails {
 			fmt.Printf("thumbnail:   %dx%d %s, %d bytes\n", t.Width, t.Height, t.Format, len(t.Data))

@@ -81,7 +81,7 @@ func TestKeygenEncryptInspectVerify(t *testing.T) {
 	var in2 inspection
 	json.Unmarshal([]byte(out), &in2)
 	if !in2.Signed || !in2.SigValid || in2.Publisher != strings.TrimSpace(pubKey) || in2.Policy.MaxPrints != 2 ||
-		in2.Metadata.Slicer != "PrusaSlicer" || in2.Metadata.EstimatedTime != 3723 || in2.Recipients != 1 {
+		in2.Metadata.String("slicer") != "PrusaSlicer" || in2.Metadata.Float("estimated_time") != 3723 || in2.Recipients != 1 {
 		t.Fatalf("inspect: %s", out)
 	}
 	out, _, err = run(t, nil, "verify", "-i", key, enc)

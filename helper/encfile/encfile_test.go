@@ -377,3 +377,31 @@ func FuzzParseHeader(f *testing.F) {
 		ParsePublic(h)
 	})
 }
+
+// A hybrid (post-quantum) file decrypts with its identity, with encprint's
+// stanzas in its header; mixing it with a classic recipient is refused
+// before anything is written.
+func TestHybridRecipients(t *testing.T) {
+	pq, err := age.GenerateHybridIdentity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pq2, _ := age.GenerateHybridIdentity()
+	plain := pattern(200_000)
+	ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{pq.Recipient(), pq2.Recipient()},
+		Metadata: &Metadata{Values: map[string]any{"slicer": "PrusaSlicer"}}})
+	for _, id := range []age.Identity{pq, pq2} {
+		got, _, err := decryptAll(ct, id)
+		if err != nil || !bytes.Equal(got, plain) {
+			t.Fatalf("hybrid file: %v", err)
+		}
+	}
+	var out bytes.Buffer
+	err = Encrypt(&out, bytes.NewReader(plain), EncryptOptions{Recipients: []age.Recipient{pq.Recipient(), newID(t).Recipient()}})
+	if err == nil || !strings.Contains(err.Error(), "recipient 1 is post-quantum (age1pq1...) and recipient 2 is not") {
+		t.Fatalf("mixed recipients: %v", err)
+	}
+	if out.Len() != 0 {
+		t.Fatal("bytes written for mixed recipients")
+	}
+}

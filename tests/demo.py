@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from gcodegen import new_canary, sample_gcode  # noqa: E402
-from stack import ROOT, Stack, wait_for  # noqa: E402
+from stack import ROOT, Stack, all_files, wait_for  # noqa: E402
 
 TTY = sys.stdout.isatty()
 
@@ -43,7 +43,7 @@ def encprint(*args: str, input: bytes = None) -> bytes:
 def scan(root: pathlib.Path, canary: bytes) -> list:
     found = []
     for base in (root, pathlib.Path(tempfile.gettempdir())):
-        for p in base.rglob("*"):
+        for p in all_files(base):
             try:
                 if p.is_file() and not p.is_symlink() and canary in p.read_bytes():
                     found.append(str(p))

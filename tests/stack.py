@@ -30,7 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
@@ -66,6 +66,15 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
     raise StackError(f"timed out after {timeout}s waiting for {what}"
                      + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def all_files(base: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Every path under base, as rglob("*") gives them, but a folder that
+    vanishes while it is walked (another process's temporary folder in /tmp,
+    such as go build's) is skipped instead of failing the scan."""
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            yield pathlib.Path(dirpath) / name
 
 
 def tail(path: pathlib.Path, lines: int = 40) -> str:

@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import Keys
 from gcodegen import new_canary, sample_gcode
-from stack import HTTPError, Stack, wait_for
+from stack import HTTPError, Stack, all_files, wait_for
 
 
 def parent_of(pid: str) -> int:
@@ -53,7 +53,7 @@ def assert_no_canary(root: pathlib.Path, canary: str) -> None:
     the system temp folder holds the canary."""
     needle = canary.encode()
     for base in (root, pathlib.Path(tempfile.gettempdir())):
-        for p in base.rglob("*"):
+        for p in all_files(base):
             try:
                 if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20:
                     assert needle not in p.read_bytes(), f"cleartext canary found in {p}"

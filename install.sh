@@ -13,16 +13,19 @@ IDENTITY="$HOME/.config/encprint/printer.key"
 KLIPPER_SERVICE="klipper"
 MOONRAKER_SERVICE="moonraker"
 RESTART=1
-RELEASE_URL="https://github.com/klipper-encprint/encprint/releases/download"
+# Where release binaries are downloaded from (a release dir per tag); the
+# tests point it at a local file:// folder.
+RELEASE_URL="${ENCPRINT_RELEASE_URL:-https://github.com/klipper-encprint/encprint/releases/download}"
 
 usage() {
     cat <<EOF
 Usage: install.sh [options]
 
 Installs encrypted G-code printing: links the Klipper extra and the Moonraker
-component, installs msgpack into Moonraker's virtualenv, builds or downloads
-the helper, creates the printer identity, adds the config sections, and
-restarts Klipper and Moonraker.
+component, installs msgpack into Moonraker's virtualenv, builds the helper
+with Go (a checkout of a release tag without Go downloads that release's
+binaries and checks their SHA-256 instead), creates the printer identity,
+adds the config sections, and restarts Klipper and Moonraker.
 
 Options (defaults in brackets):
   --klipper DIR          Klipper checkout [$KLIPPER]
@@ -151,11 +154,17 @@ provision_helper() {
     if [ "$arch" = unknown ] || [ -z "$tag" ] || ! command -v curl >/dev/null 2>&1; then
         die "cannot build the helper: Go $(sed -n 's/^go //p' "$REPO/go.mod") or newer is needed (https://go.dev/dl), and no release binary fits (architecture $(uname -m), release tag '${tag:-none}'). Install Go, then run: $REPO/install.sh"
     fi
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' RETURN
+    # Removed on any exit, die included (a RETURN trap would outlive this
+    # function and fire, with tmp unset, at the next function's return).
+    DOWNLOAD_DIR=$(mktemp -d)
+    trap 'rm -rf "$DOWNLOAD_DIR"' EXIT
+    tmp=$DOWNLOAD_DIR
     for f in "encprint-helper-linux-$arch" "encprint-linux-$arch" SHA256SUMS; do
         curl -fsSL -o "$tmp/$f" "$RELEASE_URL/$tag/$f" || die "cannot download $f of release $tag; install Go and run $REPO/install.sh again"
     done
+    # Both binaries must be listed, and both must match.
+    [ "$(grep -cE " (encprint-helper|encprint)-linux-$arch\$" "$tmp/SHA256SUMS")" -eq 2 ] \
+        || die "SHA256SUMS of release $tag does not list both binaries for $arch; do not use them"
     (cd "$tmp" && grep -E " (encprint-helper|encprint)-linux-$arch\$" SHA256SUMS | sha256sum -c --quiet -) \
         || die "checksum mismatch for the $tag release binaries; do not use them"
     mkdir -p "$REPO/bin"

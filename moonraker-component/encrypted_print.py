@@ -88,9 +88,45 @@ DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
 UNSENDABLE = re.compile(r"[\x00-\x1f\x7f;#*]")
 GCODE_UNSAFE = re.compile(r"[\x00-\x1f\x7f;#*\"]")
 FINISHED_STATES = ("complete", "cancelled", "error")
+# The public metadata fields a file may carry (docs/format.md), as Moonraker's
+# parser types them: the only keys the component copies into Moonraker's
+# metadata, so a crafted file cannot set size, job_id or encrypted_print.
+METADATA_FIELDS = {
+    "slicer": "str", "slicer_version": "str", "estimated_time": "number",
+    "filament_total": "number", "filament_weight_total": "number",
+    "filament_type": "str", "filament_name": "str", "layer_height": "number",
+    "first_layer_height": "number", "object_height": "number",
+    "nozzle_diameter": "number", "layer_count": "int", "gcode_start_byte": "int",
+    "gcode_end_byte": "int", "first_layer_extr_temp": "number",
+    "first_layer_bed_temp": "number", "chamber_temp": "number",
+    "filament_colors": "str_list", "extruder_colors": "str_list",
+    "filament_temps": "int_list", "referenced_tools": "int_list", "mmu_print": "int",
+    "filament_change_count": "int", "filament_weights": "float_list",
+    "printer_vendor": "str", "printer_model": "str", "printer_variant": "str",
+    "profile_version": "str",
+}
 # Tornado replaces an HTTP reason phrase holding anything else (or a '<') by
 # "Unknown", and Moonraker sends that phrase as the error message.
 _REASON_OK = re.compile(r"[\t !-;=-~\x80-\xff]")
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """value has the type METADATA_FIELDS gives a field."""
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return num(value)
+    if not isinstance(value, list):
+        return False
+    if kind == "str_list":
+        return all(isinstance(v, str) for v in value)
+    if kind == "int_list":
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return all(isinstance(v, float) for v in value)
 
 
 def is_encrypted_file(path: str) -> bool:
@@ -678,6 +714,7 @@ class MetadataPublisher:
     def __init__(self, file_manager: FileManager, client: HelperClient,
                  policy: TrustPolicy) -> None:
         self.file_manager = file_manager
+        self.eventloop = file_manager.server.get_event_loop()
         self.mdst: MetadataStorage = file_manager.get_metadata_storage()
         self.client = client
         self.policy = policy
@@ -697,7 +734,8 @@ class MetadataPublisher:
             return
         info = self._info(fname, res)
         pub = res.get("metadata") or {}
-        thumbs = self._write_thumbnails(path, pub.pop("thumbnails", None) or [])
+        thumbs = await self.eventloop.run_in_thread(
+            self._write_thumbnails, path, pub.pop("thumbnails", None) or [])
         self._store(fname, md, info, pub, thumbs)
 
     def _info(self, fname: str, res: Dict[str, Any]) -> Dict[str, Any]:
@@ -729,9 +767,14 @@ class MetadataPublisher:
     def _store(self, fname: str, md: Dict[str, Any], info: Dict[str, Any],
                public: Optional[Dict[str, Any]] = None,
                thumbs: Optional[List[Dict[str, Any]]] = None) -> None:
+        """Replace what Moonraker's parser guessed from the ciphertext by the
+        fields the encryptor published: Moonraker's own field names and
+        types, computed on the cleartext (docs/adr/006-metadata-parity.md)."""
         keep = {k: md[k] for k in self.KEEP if k in md}
-        keep.update({k: v for k, v in (public or {}).items()
-                     if isinstance(v, (int, float, str)) and v not in ("", 0)})
+        for key, value in (public or {}).items():
+            kind = METADATA_FIELDS.get(key)
+            if kind is not None and _is_kind(value, kind):
+                keep[key] = value
         keep.setdefault("slicer", "Unknown")
         if thumbs:
             keep["thumbnails"] = thumbs
@@ -740,26 +783,63 @@ class MetadataPublisher:
 
     def _write_thumbnails(self, path: str, thumbs: List[Dict[str, Any]]
                           ) -> List[Dict[str, Any]]:
-        """Write the published previews where Moonraker writes a slicer's."""
-        out: List[Dict[str, Any]] = []
+        """Write the published previews as Moonraker writes a slicer's: QOI
+        converted to PNG, and a 32x32 PNG made from the largest when the
+        slicer gave none. Blocking (Pillow): run it in a thread."""
         thumb_dir = os.path.join(os.path.dirname(path), ".thumbs")
         base = os.path.splitext(os.path.basename(path))[0]
-        for t in thumbs:
-            ext = {"png": "png", "jpg": "jpg"}.get(str(t.get("format")))
-            data = t.get("data")
-            if ext is None or not isinstance(data, bytes):
-                continue  # QOI previews: no UI shows them
-            name = f"{base}-{t['width']}x{t['height']}.{ext}"
-            try:
-                os.makedirs(thumb_dir, exist_ok=True)
-                with open(os.path.join(thumb_dir, name), "wb") as f:
-                    f.write(data)
-            except OSError as e:
-                logging.warning(f"encrypted_print: cannot write thumbnail {name}: {e}")
-                continue
-            out.append({"width": t["width"], "height": t["height"], "size": len(data),
-                        "relative_path": os.path.join(".thumbs", name)})
+        out = [e for e in (self._write_one(thumb_dir, base, t) for t in thumbs) if e]
+        if out and not any(e["width"] == e["height"] == 32 for e in out):
+            small = self._miniature(thumb_dir, base, max(out, key=lambda e: e["size"]))
+            if small is not None:
+                out.insert(0, small)
         return out
+
+    @staticmethod
+    def _write_one(thumb_dir: str, base: str, t: Dict[str, Any]
+                   ) -> Optional[Dict[str, Any]]:
+        fmt, data = t.get("format"), t.get("data")
+        w, h = t.get("width"), t.get("height")
+        if (fmt not in ("png", "jpg", "qoi") or not isinstance(data, bytes)
+                or not isinstance(w, int) or not isinstance(h, int)):
+            return None
+        ext = "png" if fmt == "qoi" else fmt
+        name = f"{base}-{w}x{h}.{ext}"
+        dest = os.path.join(thumb_dir, name)
+        try:
+            os.makedirs(thumb_dir, exist_ok=True)
+            if ext != fmt:
+                from PIL import Image  # Moonraker's own dependency
+                with Image.open(io.BytesIO(data)) as im:
+                    im.save(dest)
+            else:
+                with open(dest, "wb") as f:
+                    f.write(data)
+            size = os.path.getsize(dest)
+        except Exception as e:  # noqa: BLE001 - a bad image is skipped, as Moonraker does
+            logging.warning(f"encrypted_print: cannot write thumbnail {name}: {e}")
+            return None
+        return {"width": w, "height": h, "size": size,
+                "relative_path": os.path.join(".thumbs", name)}
+
+    @staticmethod
+    def _miniature(thumb_dir: str, base: str, largest: Dict[str, Any]
+                   ) -> Optional[Dict[str, Any]]:
+        """Moonraker's extra 32x32 thumbnail, made the way it makes it."""
+        small = os.path.join(thumb_dir, f"{base}-32x32.png")
+        try:
+            from PIL import Image
+            src = os.path.join(thumb_dir, os.path.basename(largest["relative_path"]))
+            with Image.open(src) as im:
+                im.thumbnail((32, 32))
+                im.save(small, format="PNG")
+                return {"width": im.width, "height": im.height,
+                        "size": os.path.getsize(small),
+                        "relative_path": os.path.join(".thumbs", os.path.basename(small))}
+        except Exception as e:  # noqa: BLE001 - as Moonraker: no miniature then
+            logging.warning(f"encrypted_print: cannot make the 32x32 thumbnail of "
+                            f"{base}: {e}")
+            return None
 
     @staticmethod
     def policy_view(policy: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:

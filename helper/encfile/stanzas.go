@@ -22,36 +22,6 @@ const (
 	StanzaVersion = "v1"
 )
 
-// MaxThumbnailSize bounds one thumbnail image.
-const MaxThumbnailSize = 1 << 20
-
-// Metadata is the public description of the print, in Moonraker's metadata
-// field names. The encryptor chooses what to include; every field is
-// optional. Readers ignore keys they do not know.
-type Metadata struct {
-	Slicer              string      `msgpack:"slicer,omitempty" json:"slicer,omitempty"`
-	SlicerVersion       string      `msgpack:"slicer_version,omitempty" json:"slicer_version,omitempty"`
-	EstimatedTime       float64     `msgpack:"estimated_time,omitempty" json:"estimated_time,omitempty"`
-	FilamentTotal       float64     `msgpack:"filament_total,omitempty" json:"filament_total,omitempty"`
-	FilamentWeightTotal float64     `msgpack:"filament_weight_total,omitempty" json:"filament_weight_total,omitempty"`
-	FilamentType        string      `msgpack:"filament_type,omitempty" json:"filament_type,omitempty"`
-	FilamentName        string      `msgpack:"filament_name,omitempty" json:"filament_name,omitempty"`
-	LayerHeight         float64     `msgpack:"layer_height,omitempty" json:"layer_height,omitempty"`
-	FirstLayerHeight    float64     `msgpack:"first_layer_height,omitempty" json:"first_layer_height,omitempty"`
-	ObjectHeight        float64     `msgpack:"object_height,omitempty" json:"object_height,omitempty"`
-	NozzleDiameter      float64     `msgpack:"nozzle_diameter,omitempty" json:"nozzle_diameter,omitempty"`
-	LayerCount          int         `msgpack:"layer_count,omitempty" json:"layer_count,omitempty"`
-	Thumbnails          []Thumbnail `msgpack:"thumbnails,omitempty" json:"thumbnails,omitempty"`
-}
-
-// Thumbnail is a preview image as the slicer embedded it.
-type Thumbnail struct {
-	Width  int    `msgpack:"width" json:"width"`
-	Height int    `msgpack:"height" json:"height"`
-	Format string `msgpack:"format" json:"format"` // "png", "jpg" or "qoi"
-	Data   []byte `msgpack:"data" json:"-"`
-}
-
 // Policy is what the encryptor allows the printer to do with the file. The
 // printer enforces it (see docs/threat-model.md for how far that goes).
 type Policy struct {
@@ -165,23 +135,6 @@ func decodeStrict(body []byte, v interface{}) error {
 	}
 	if r.Len() != 0 {
 		return errors.New("trailing bytes after the msgpack body")
-	}
-	return nil
-}
-
-func (m *Metadata) validate() error {
-	for i, t := range m.Thumbnails {
-		switch t.Format {
-		case "png", "jpg", "qoi":
-		default:
-			return fmt.Errorf("thumbnail %d has unknown format %q", i, t.Format)
-		}
-		if t.Width <= 0 || t.Height <= 0 || t.Width > 4096 || t.Height > 4096 {
-			return fmt.Errorf("thumbnail %d has invalid size %dx%d", i, t.Width, t.Height)
-		}
-		if len(t.Data) == 0 || len(t.Data) > MaxThumbnailSize {
-			return fmt.Errorf("thumbnail %d data is empty or over %d bytes", i, MaxThumbnailSize)
-		}
 	}
 	return nil
 }

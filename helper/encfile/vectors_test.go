@@ -105,7 +105,7 @@ func generateVectors(t *testing.T) {
 	id, pub := vectorKeys(t)
 	other, _ := age.ParseX25519Identity(vectorOther)
 	plain := vectorGcode()
-	md := &Metadata{Slicer: "PrusaSlicer", SlicerVersion: "2.7.1", EstimatedTime: 3723, LayerCount: 20,
+	md := &Metadata{Values: map[string]any{"slicer": "PrusaSlicer", "slicer_version": "2.7.1", "estimated_time": 3723.0, "layer_count": int64(20)},
 		Thumbnails: []Thumbnail{{Width: 2, Height: 2, Format: "png", Data: []byte("\x89PNG\r\n\x1a\nvector")}}}
 	pol := &Policy{FileID: bytes.Repeat([]byte{0x42}, 16), MaxPrints: 3, NotBefore: 1767225600, NotAfter: 4102444800}
 	enc := func(opts EncryptOptions) []byte {

@@ -46,7 +46,7 @@ func fixedMessages() []struct {
 			"/home/pi/printer_data/gcodes", "/home/pi/.config/encprint/printer.key", 536870912, "encprint-0f1e2d3c"}},
 		{"progress", "progress", &Progress{"progress", 65536, 300000000}},
 		{"inspect result, authenticated", "inspect_result", &InspectResult{Type: "result", Op: "inspect", FileID: id, Recipients: 2,
-			Metadata: &encfile.Metadata{Slicer: "PrusaSlicer", SlicerVersion: "2.7.1", EstimatedTime: 754, LayerCount: 20,
+			Metadata: &encfile.Metadata{Values: map[string]any{"slicer": "PrusaSlicer", "slicer_version": "2.7.1", "estimated_time": 754.0, "layer_count": int64(20)},
 				Thumbnails: []encfile.Thumbnail{{Width: 32, Height: 32, Format: "png", Data: []byte("\x89PNG\r\n")}}},
 			Policy: &encfile.Policy{FileID: id, MaxPrints: 3, NotAfter: 4102444800}, Publisher: pubKey(), SignatureValid: true,
 			Authenticated: true, PlaintextSize: 123456}},

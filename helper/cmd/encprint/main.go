@@ -26,7 +26,8 @@ import (
 )
 
 const usage = `Usage:
-    encprint keygen -o FILE            create a printer identity, print its recipient
+    encprint keygen [-pq] -o FILE      create a printer identity, print its recipient
+                                       (-pq: post-quantum hybrid, ML-KEM-768 + X25519)
     encprint recipient FILE            print the recipient of an identity
     encprint encrypt -r RECIPIENT... [-R FILE] [options] [-o OUT] IN
     encprint encrypt --in-place [options] FILE   (slicer post-processing script)
@@ -113,23 +114,41 @@ func writeNewFile(path, content string) error {
 func keygen(args []string) error {
 	fs := newFlags("keygen")
 	out := fs.String("o", "", "output file")
+	pq := fs.Bool("pq", false, "post-quantum hybrid identity")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *out == "" {
 		return errors.New("keygen: -o FILE is required (the identity is secret and goes in a file)")
 	}
-	id, err := age.GenerateX25519Identity()
+	kind, id, recipient, err := newIdentity(*pq)
 	if err != nil {
 		return err
 	}
-	content := fmt.Sprintf("# encprint printer identity, created %s\n# public key: %s\n%s\n",
-		time.Now().UTC().Format(time.RFC3339), id.Recipient(), id)
+	content := fmt.Sprintf("# encprint printer identity%s, created %s\n# public key: %s\n%s\n",
+		kind, time.Now().UTC().Format(time.RFC3339), recipient, id)
 	if err := writeNewFile(*out, content); err != nil {
 		return err
 	}
-	fmt.Println(id.Recipient())
+	fmt.Println(recipient)
 	return nil
+}
+
+// newIdentity makes an X25519 identity, or with pq a hybrid ML-KEM-768 +
+// X25519 one (age1pq1... recipients, as age-keygen -pq).
+func newIdentity(pq bool) (kind string, identity, recipient fmt.Stringer, err error) {
+	if pq {
+		id, err := age.GenerateHybridIdentity()
+		if err != nil {
+			return "", nil, nil, err
+		}
+		return " (post-quantum hybrid ML-KEM-768 + X25519)", id, id.Recipient(), nil
+	}
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		return "", nil, nil, err
+	}
+	return "", id, id.Recipient(), nil
 }
 
 func loadIdentities(path string) ([]age.Identity, error) {
@@ -253,6 +272,9 @@ func encrypt(args []string) error {
 	}
 	if len(recips) == 0 {
 		return errors.New("no recipients: name at least one printer with -r or -R")
+	}
+	if err := encfile.CheckRecipients(recips); err != nil {
+		return err
 	}
 	opts := encfile.EncryptOptions{Recipients: recips, Policy: &encfile.Policy{MaxPrints: uint32(*maxPrints)}}
 	if opts.Policy.NotBefore, err = parseTime(*notBefore); err != nil {
@@ -439,15 +461,19 @@ func inspect(args []string) error {
 		fmt.Printf("signed:      INVALID signature claiming %s\n", in.Publisher)
 	}
 	if md := p.Metadata; md != nil {
-		fmt.Printf("slicer:      %s %s\n", md.Slicer, md.SlicerVersion)
-		if md.EstimatedTime > 0 {
-			fmt.Printf("estimated:   %s\n", time.Duration(md.EstimatedTime*float64(time.Second)).Round(time.Second))
+		fmt.Printf("slicer:      %s %s\n", md.String("slicer"), md.String("slicer_version"))
+		if t := md.Float("estimated_time"); t > 0 {
+			fmt.Printf("estimated:   %s\n", time.Duration(t*float64(time.Second)).Round(time.Second))
 		}
-		if md.FilamentTotal > 0 {
-			fmt.Printf("filament:    %.1f mm, %.2f g %s %s\n", md.FilamentTotal, md.FilamentWeightTotal, md.FilamentType, md.FilamentName)
+		if f := md.Float("filament_total"); f > 0 {
+			fmt.Printf("filament:    %.1f mm, %.2f g %s %s\n", f, md.Float("filament_weight_total"),
+				md.String("filament_type"), md.String("filament_name"))
 		}
-		if md.LayerCount > 0 || md.LayerHeight > 0 {
-			fmt.Printf("layers:      %d x %.2f mm, object %.2f mm high\n", md.LayerCount, md.LayerHeight, md.ObjectHeight)
+		if n, lh := md.Float("layer_count"), md.Float("layer_height"); n > 0 || lh > 0 {
+			fmt.Printf("layers:      %.0f x %.2f mm, object %.2f mm high\n", n, lh, md.Float("object_height"))
+		}
+		if md.Values["gcode_start_byte"] != nil {
+			fmt.Printf("g-code:      bytes %.0f to %.0f of the cleartext\n", md.Float("gcode_start_byte"), md.Float("gcode_end_byte"))
 		}
 		for _, t := range md.Thumbnails {
 			fmt.Printf("thumbnail:   %dx%d %s, %d bytes\n", t.Width, t.Height, t.Format, len(t.Data))

@@ -81,7 +81,7 @@ func TestKeygenEncryptInspectVerify(t *testing.T) {
 	var in2 inspection
 	json.Unmarshal([]byte(out), &in2)
 	if !in2.Signed || !in2.SigValid || in2.Publisher != strings.TrimSpace(pubKey) || in2.Policy.MaxPrints != 2 ||
-		in2.Metadata.Slicer != "PrusaSlicer" || in2.Metadata.EstimatedTime != 3723 || in2.Recipients != 1 {
+		in2.Metadata.String("slicer") != "PrusaSlicer" || in2.Metadata.Float("estimated_time") != 3723 || in2.Recipients != 1 {
 		t.Fatalf("inspect: %s", out)
 	}
 	out, _, err = run(t, nil, "verify", "-i", key, enc)
@@ -163,5 +163,42 @@ func TestInspectSaysWhenAFileHasExpired(t *testing.T) {
 	out, _, err := run(t, nil, "inspect", filepath.Join(dir, "old.enc.gcode"))
 	if err != nil || !strings.Contains(out, "NOT PRINTABLE NOW: expired at 2020-01-01T00:00:00Z") {
 		t.Fatalf("inspect: %v %q", err, out)
+	}
+}
+
+// keygen -pq (age-keygen's flag) makes a hybrid ML-KEM-768 + X25519
+// identity; files for it decrypt with it; it cannot share a file with a
+// classic recipient.
+func TestPostQuantumIdentity(t *testing.T) {
+	dir := t.TempDir()
+	pqKey, classicKey := filepath.Join(dir, "pq.key"), filepath.Join(dir, "classic.key")
+	pq, _, err := run(t, nil, "keygen", "-pq", "-o", pqKey)
+	pq = strings.TrimSpace(pq)
+	if err != nil || !strings.HasPrefix(pq, "age1pq1") || len(pq) < 1900 {
+		t.Fatalf("keygen -pq: %v, recipient %.20q... of %d characters", err, pq, len(pq))
+	}
+	if again, _, _ := run(t, nil, "recipient", pqKey); strings.TrimSpace(again) != pq {
+		t.Fatal("recipient of a post-quantum identity differs from what keygen printed")
+	}
+	classic, _, _ := run(t, nil, "keygen", "-o", classicKey)
+	in := filepath.Join(dir, "part.gcode")
+	os.WriteFile(in, []byte(gcode), 0o644)
+	if _, stderr, err := run(t, nil, "encrypt", "-r", pq, in); err != nil {
+		t.Fatalf("encrypt to a post-quantum recipient: %v %s", err, stderr)
+	}
+	enc := filepath.Join(dir, "part.enc.gcode")
+	if out, _, err := run(t, nil, "verify", "-i", pqKey, enc); err != nil || !strings.Contains(out, "authentic") {
+		t.Fatalf("verify with the post-quantum identity: %v %q", err, out)
+	}
+	if _, _, err := run(t, nil, "verify", "-i", classicKey, enc); err == nil {
+		t.Fatal("another identity opened the file")
+	}
+	_, stderr, err := run(t, nil, "encrypt", "-r", strings.TrimSpace(classic), "-r", pq, "-o", filepath.Join(dir, "mixed.gcode"), in)
+	if err == nil || !strings.Contains(stderr, "recipient 2 is post-quantum (age1pq1...) and recipient 1 is not") ||
+		!strings.Contains(stderr, "encprint keygen -pq") {
+		t.Fatalf("mixed recipients: %v %q", err, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "mixed.gcode")); err == nil {
+		t.Fatal("a file was written for mixed recipients")
 	}
 }

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import hashlib
 import io
+import json
 import os
 import pathlib
 import subprocess
@@ -240,3 +242,35 @@ def test_close_closes_the_memfd(payload, tmp_path):
 def test_text_wrapper_is_what_the_bridge_builds(opener, payload):
     f = opener(payload)
     assert isinstance(f, io.TextIOWrapper) and f.seekable() and f.readable()
+
+
+VECTORS = ROOT / "proto" / "testdata" / "seekgz"
+
+
+@pytest.mark.parametrize("case", json.loads((VECTORS / "vectors.json").read_text()),
+                         ids=lambda c: c["file"])
+def test_format_vectors(case, tmp_path):
+    """proto/testdata/seekgz: the valid payloads read back to their G-code,
+    every bad one is refused, at open (index) or at the bad block's read."""
+    data = (VECTORS / case["file"]).read_bytes()
+    before = open_fds()
+    if case["expect"] in ("index_error", "not_seekable"):
+        with pytest.raises(sr.SeekgzError):
+            sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
+        assert open_fds() == before
+        return
+    f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
+    try:
+        if case["expect"] == "block_error":
+            with pytest.raises(sr.SeekgzError):
+                while f.buffer.read(4096):
+                    pass
+            return
+        got = f.buffer.read()
+        assert len(got) == case.get("gcode_size", 0)
+        assert hashlib.sha256(got).hexdigest() == case["gcode_sha256"]
+        assert f.buffer.raw._index.blocks() == case.get("blocks", 0)
+        assert gzip.decompress(data) == got
+    finally:
+        f.close()
+    assert open_fds() == before

@@ -28,6 +28,7 @@ test-go:
 	$(GO) test -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 10s ./helper/encfile
 	$(GO) test -run '^$$' -fuzz FuzzMessage -fuzztime 10s ./helper/ipc
+	$(GO) test -run '^$$' -fuzz FuzzReadIndex -fuzztime 10s ./helper/seekgz
 
 test-py:
 	$(PY) -m pytest tests

@@ -7,6 +7,9 @@ import (
 	"crypto/sha256"
 	"errors"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"testing"
 
 	"filippo.io/age"
@@ -200,5 +203,52 @@ func TestCompressedPayload(t *testing.T) {
 	}
 	if got, err := io.ReadAll(zr); err != nil || !bytes.Equal(got, plain) {
 		t.Fatalf("gunzip: %v", err)
+	}
+}
+
+// TestCompressedInteropWithStockTools: `age -d | gunzip` of a compressed,
+// v2-signed file gives the G-code byte for byte; a stock `age -r` of a
+// seekable gzip is a compressed file this reader opens.
+func TestCompressedInteropWithStockTools(t *testing.T) {
+	for _, tool := range []string{"age", "gzip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("CI") != "" {
+				t.Fatalf("the %s command is missing", tool)
+			}
+			t.Skipf("%s command not installed", tool)
+		}
+	}
+	dir := t.TempDir()
+	id := newID(t)
+	keyFile := filepath.Join(dir, "key.txt")
+	os.WriteFile(keyFile, []byte(id.String()+"\n"), 0o600)
+	_, signer, _ := ed25519.GenerateKey(nil)
+	plain := gcodeText(3*seekgz.DefaultBlockSize + 5)
+	ours := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Signer: signer,
+		SignatureVersion: SigVersion2, Compress: &seekgz.Options{}})
+	cmd := exec.Command("sh", "-c", `age -d -i "$1" | gzip -dc`, "sh", keyFile)
+	cmd.Stdin = bytes.NewReader(ours)
+	out, err := cmd.Output()
+	if err != nil || !bytes.Equal(out, plain) {
+		t.Fatalf("age -d | gzip -dc: %d bytes, %v", len(out), err)
+	}
+
+	var payload bytes.Buffer
+	w, _ := seekgz.NewWriter(&payload, seekgz.Options{})
+	w.Write(plain)
+	w.Close()
+	cmd = exec.Command("age", "-r", id.Recipient().String())
+	cmd.Stdin = bytes.NewReader(payload.Bytes())
+	stock, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, got, _, err := decryptWith(t, stock, id, true, 2)
+	if err != nil || !seekgz.IsGzip(got) {
+		t.Fatalf("stock age of a seekable gzip: %v", err)
+	}
+	ix, err := seekgz.ReadIndex(bytes.NewReader(got), int64(len(got)), seekgz.Limits{})
+	if err != nil || ix.Validate(bytes.NewReader(got), 0) != nil || ix.ClearSize != int64(len(plain)) {
+		t.Fatalf("stock age of a seekable gzip does not validate: %v", err)
 	}
 }

@@ -185,11 +185,13 @@ class GuardedBuffer(io.BufferedReader):
 
 def open_text(fd, size, path, printer):
     # The file object virtual_sdcard gets for a seekable gzip memfd: the
-    # same TextIOWrapper stack the bridge builds over a plain memfd.
+    # same TextIOWrapper stack the bridge builds over a plain memfd. Owns
+    # fd: closes it when the index is refused, or with the file.
     try:
-        raw = SeekgzRaw(fd, path, printer, SeekgzIndex(fd, size))
+        index = SeekgzIndex(fd, size)
     except Exception:
         os.close(fd)
         raise
+    raw = SeekgzRaw(fd, path, printer, index)
     return io.TextIOWrapper(GuardedBuffer(raw), encoding='utf-8',
                             newline='')

@@ -28,6 +28,7 @@ test-go:
 	$(GO) test -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzParseHeader -fuzztime 10s ./helper/encfile
 	$(GO) test -run '^$$' -fuzz FuzzMessage -fuzztime 10s ./helper/ipc
+	$(GO) test -run '^$$' -fuzz FuzzReadIndex -fuzztime 10s ./helper/seekgz
 
 test-py:
 	$(PY) -m pytest tests
@@ -49,13 +50,15 @@ bench: setup build
 
 ## dist: release binaries for every supported platform, with SHA256SUMS.
 # The helper is Linux-only (printers); encprint also runs on macOS and Windows.
-DIST_LINUX := amd64:amd64: arm64:arm64: armv7:arm:7 armv6:arm:6
+# mipsle is for Creality K1-class hosts (MIPS32 little-endian, no FPU:
+# GOMIPS=softfloat, which the other architectures ignore).
+DIST_LINUX := amd64:amd64: arm64:arm64: armv7:arm:7 armv6:arm:6 mipsle:mipsle:
 dist:
 	rm -rf dist && mkdir -p dist
 	set -e; for t in $(DIST_LINUX); do \
 	    name=$${t%%:*}; rest=$${t#*:}; arch=$${rest%%:*}; arm=$${rest#*:}; \
 	    for cmd in encprint encprint-helper; do \
-	        CGO_ENABLED=0 GOOS=linux GOARCH=$$arch GOARM=$$arm $(GO) build -trimpath \
+	        CGO_ENABLED=0 GOOS=linux GOARCH=$$arch GOARM=$$arm GOMIPS=softfloat $(GO) build -trimpath \
 	            -ldflags '$(LDFLAGS)' -o dist/$$cmd-linux-$$name ./helper/cmd/$$cmd; \
 	    done; \
 	done

@@ -137,6 +137,9 @@ helper_arch() {
         aarch64|arm64) echo arm64 ;;
         armv7l) echo armv7 ;;
         armv6l) echo armv6 ;;
+        # Creality K1-class hosts are little-endian MIPS; byte 5 of an ELF
+        # header is 1 for little-endian.
+        mips) if [ "$(od -An -tx1 -j5 -N1 /bin/sh | tr -d ' ')" = 01 ]; then echo mipsle; else echo unknown; fi ;;
         *) echo unknown ;;
     esac
 }

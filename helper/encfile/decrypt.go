@@ -52,6 +52,11 @@ type File struct {
 	// Progress, if set, is called from DecryptTo's goroutine with the
 	// number of plaintext bytes authenticated so far, in order.
 	Progress func(done int64)
+	// SkipSHA256 leaves Result.SHA256 zero unless a v1 signature needs it:
+	// age's AEAD authenticates every chunk, so a file without a signature
+	// needs no plaintext digest, and the in-order SHA-256 is the one serial
+	// part of decrypting.
+	SkipSHA256 bool
 
 	plain io.ReaderAt
 }
@@ -160,7 +165,8 @@ func (s stanzaIdentity) Unwrap(stanzas []*age.Stanza) ([]byte, error) {
 // Result is what a full decryption proved about the plaintext.
 type Result struct {
 	Size   int64
-	SHA256 [32]byte
+	SHA256 [32]byte // zero with SkipSHA256 (unless a v1 signature needed it)
+	Tree   [32]byte // TreeDigest, computed when a v2 signature needs it
 }
 
 // DecryptTo decrypts the whole payload into dst at the same offsets, using
@@ -243,6 +249,13 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 	if ws, ok := out.(*writerSink); ok {
 		ws.init(workers)
 	}
+	sig := f.Public.Signature
+	wantTree := sig != nil && sig.Version == SigVersion2
+	wantSHA := !f.SkipSHA256 || (sig != nil && !wantTree)
+	var leaves [][32]byte
+	if wantTree {
+		leaves = make([][32]byte, nseg) // each worker fills its own segments
+	}
 	// Worker w handles segments w, w+W, w+2W...; the hasher reads the
 	// per-worker queues round-robin, so it hashes in file order.
 	queues := make([]chan []byte, workers)
@@ -285,6 +298,9 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 					fail(i, err)
 					return
 				}
+				if wantTree {
+					leaves[i] = sha256.Sum256(buf)
+				}
 				select {
 				case queues[w] <- buf:
 				case <-stop:
@@ -301,7 +317,9 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 		if !ok {
 			break
 		}
-		h.Write(buf)
+		if wantSHA {
+			h.Write(buf)
+		}
 		hashed += int64(len(buf))
 		out.release(w, buf)
 		if f.Progress != nil {
@@ -315,10 +333,16 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 	if hashed != f.PlainSize {
 		return Result{}, fmt.Errorf("internal error: hashed %d of %d bytes", hashed, f.PlainSize)
 	}
-	var r Result
-	r.Size = f.PlainSize
-	copy(r.SHA256[:], h.Sum(nil))
-	if sig := f.Public.Signature; sig != nil && !bytes.Equal(sig.SHA256, r.SHA256[:]) {
+	r := Result{Size: f.PlainSize}
+	if wantSHA {
+		h.Sum(r.SHA256[:0])
+	}
+	got := r.SHA256[:]
+	if wantTree {
+		r.Tree = TreeDigest(f.PlainSize, leaves)
+		got = r.Tree[:]
+	}
+	if sig != nil && !bytes.Equal(sig.SignedDigest(), got) {
 		return Result{}, ErrDigest
 	}
 	return r, nil

@@ -9,6 +9,7 @@ import (
 	"io"
 
 	"filippo.io/age"
+	"github.com/klipper-encprint/encprint/helper/seekgz"
 	"github.com/vmihailenco/msgpack/v5"
 )
 
@@ -23,6 +24,43 @@ type EncryptOptions struct {
 	Policy *Policy
 	// Signer, if set, signs the file as its publisher.
 	Signer ed25519.PrivateKey
+	// SignatureVersion is StanzaVersion (v1, the default for now: the
+	// plaintext's SHA-256) or SigVersion2 (its TreeDigest, which printers
+	// verify on every core).
+	SignatureVersion string
+	// Compress, if set, makes the payload a seekable gzip of the G-code
+	// (package seekgz) instead of the G-code itself.
+	Compress *seekgz.Options
+}
+
+// writePayload writes the payload made from src to w: the G-code, or its
+// seekable gzip.
+func writePayload(w io.Writer, src io.Reader, opts EncryptOptions) (int64, error) {
+	cw := &countingWriter{w: w}
+	if opts.Compress == nil {
+		_, err := io.Copy(cw, src)
+		return cw.n, err
+	}
+	zw, err := seekgz.NewWriter(cw, *opts.Compress)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := io.Copy(zw, src); err != nil {
+		return 0, err
+	}
+	err = zw.Close()
+	return cw.n, err
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // ErrNoRecipients means EncryptOptions names no recipient.
@@ -67,30 +105,18 @@ func Encrypt(dst io.Writer, src io.ReadSeeker, opts EncryptOptions) error {
 	}
 	stanzas = append(stanzas, &age.Stanza{Type: PolicyStanza, Args: []string{StanzaVersion}, Body: policyBody})
 	if opts.Signer != nil {
-		h := sha256.New()
-		n, err := io.Copy(h, src)
-		if err != nil {
-			return fmt.Errorf("reading input to sign it: %w", err)
-		}
-		if _, err := src.Seek(0, io.SeekStart); err != nil {
-			return fmt.Errorf("signing needs a seekable input: %w", err)
-		}
-		sum := h.Sum(nil)
-		sig := Signature{Alg: "ed25519", PublicKey: opts.Signer.Public().(ed25519.PublicKey),
-			Size: uint64(n), SHA256: sum}
-		sig.Sig = ed25519.Sign(opts.Signer, SignedMessage(metaBody, policyBody, sig.Size, sum))
-		b, err := msgpack.Marshal(&sig)
+		s, err := sign(src, metaBody, policyBody, opts)
 		if err != nil {
 			return err
 		}
-		stanzas = append(stanzas, &age.Stanza{Type: SigStanza, Args: []string{StanzaVersion}, Body: b})
+		stanzas = append(stanzas, s)
 	}
 	recips := append([]age.Recipient{&stanzaRecipient{stanzas, opts.Recipients}}, opts.Recipients...)
 	w, err := age.Encrypt(dst, recips...)
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(w, src); err != nil {
+	if _, err := writePayload(w, src, opts); err != nil {
 		return err
 	}
 	return w.Close()
@@ -115,6 +141,46 @@ func CheckRecipients(rs []age.Recipient) error {
 		}
 	}
 	return nil
+}
+
+// sign makes the signature stanza: it reads src once to digest the payload
+// (the seekable gzip is deterministic, so the second pass writes the same
+// bytes), then rewinds it.
+func sign(src io.ReadSeeker, metaBody, policyBody []byte, opts EncryptOptions) (*age.Stanza, error) {
+	sig := Signature{Version: opts.SignatureVersion, Alg: "ed25519", PublicKey: opts.Signer.Public().(ed25519.PublicKey)}
+	var n int64
+	var err error
+	switch sig.Version {
+	case "", StanzaVersion:
+		sig.Version = StanzaVersion
+		h := sha256.New()
+		n, err = writePayload(h, src, opts)
+		sig.SHA256 = h.Sum(nil)
+	case SigVersion2:
+		t := newTreeHasher()
+		n, err = writePayload(t, src, opts)
+		sum := t.Sum()
+		sig.Digest = sum[:]
+	default:
+		return nil, fmt.Errorf("unknown signature version %q", opts.SignatureVersion)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading input to sign it: %w", err)
+	}
+	if _, err := src.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("signing needs a seekable input: %w", err)
+	}
+	sig.Size = uint64(n)
+	if sig.Version == SigVersion2 {
+		sig.Sig = ed25519.Sign(opts.Signer, SignedMessageV2(metaBody, policyBody, sig.Size, sig.Digest))
+	} else {
+		sig.Sig = ed25519.Sign(opts.Signer, SignedMessage(metaBody, policyBody, sig.Size, sig.SHA256))
+	}
+	b, err := msgpack.Marshal(&sig)
+	if err != nil {
+		return nil, err
+	}
+	return &age.Stanza{Type: SigStanza, Args: []string{sig.Version}, Body: b}, nil
 }
 
 // stanzaRecipient adds our public stanzas to the header. It wraps no key;

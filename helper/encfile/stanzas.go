@@ -20,6 +20,9 @@ const (
 	PolicyStanza  = "encprint/policy"
 	SigStanza     = "encprint/sig"
 	StanzaVersion = "v1"
+	// SigVersion2 signs a tree digest of the payload (TreeDigest), which
+	// decrypting verifies on every core; v1 signs its serial SHA-256.
+	SigVersion2 = "v2"
 )
 
 // Policy is what the encryptor allows the printer to do with the file. The
@@ -35,12 +38,15 @@ type Policy struct {
 }
 
 // Signature is a publisher's Ed25519 signature over the file's identity,
-// public stanzas and plaintext (see SignedMessage).
+// public stanzas and plaintext (see SignedMessage). Version v1 carries the
+// plaintext's SHA256, v2 its TreeDigest.
 type Signature struct {
+	Version   string `msgpack:"-"`
 	Alg       string `msgpack:"alg"`
 	PublicKey []byte `msgpack:"key"`
 	Size      uint64 `msgpack:"size"`
-	SHA256    []byte `msgpack:"sha256"`
+	SHA256    []byte `msgpack:"sha256,omitempty"`
+	Digest    []byte `msgpack:"digest,omitempty"`
 	Sig       []byte `msgpack:"sig"`
 }
 
@@ -89,7 +95,9 @@ func ParsePublic(h *Header) (*Public, error) {
 			return nil, &StanzaError{Type: s.Type, Reason: "appears more than once"}
 		}
 		seen[s.Type] = true
-		if len(s.Args) != 1 || s.Args[0] != StanzaVersion {
+		if s.Type == SigStanza && len(s.Args) == 1 && s.Args[0] == SigVersion2 {
+			// a v2 signature; every other stanza is v1
+		} else if len(s.Args) != 1 || s.Args[0] != StanzaVersion {
 			return nil, &StanzaError{s.Type, fmt.Sprintf("unsupported version %q (this reader knows %s); update encprint", s.Args, StanzaVersion), true}
 		}
 		var err error
@@ -109,7 +117,7 @@ func ParsePublic(h *Header) (*Public, error) {
 				err = errors.New("file_id must be 16 bytes")
 			}
 		case SigStanza:
-			p.Signature = new(Signature)
+			p.Signature = &Signature{Version: s.Args[0]}
 			err = decodeStrict(s.Body, p.Signature)
 			if err == nil {
 				err = p.Signature.validate()
@@ -143,10 +151,37 @@ func (s *Signature) validate() error {
 	if s.Alg != "ed25519" {
 		return fmt.Errorf("unknown signature algorithm %q", s.Alg)
 	}
-	if len(s.PublicKey) != ed25519.PublicKeySize || len(s.Sig) != ed25519.SignatureSize || len(s.SHA256) != sha256.Size {
+	digest, other := s.SHA256, s.Digest
+	if s.Version == SigVersion2 {
+		digest, other = s.Digest, s.SHA256
+	}
+	if len(s.PublicKey) != ed25519.PublicKeySize || len(s.Sig) != ed25519.SignatureSize || len(digest) != sha256.Size || other != nil {
 		return errors.New("wrong key, signature or digest length")
 	}
 	return nil
+}
+
+// SignedDigest is the plaintext digest the signature claims: the SHA-256
+// for v1, the TreeDigest for v2.
+func (s *Signature) SignedDigest() []byte {
+	if s.Version == SigVersion2 {
+		return s.Digest
+	}
+	return s.SHA256
+}
+
+// SignedMessageV2 is the byte string a v2 signature signs:
+//
+//	"encprint/sig v2\n" || SHA-256(meta body) || SHA-256(policy body) ||
+//	uint64be(plaintext size) || TreeDigest(plaintext)
+func SignedMessageV2(metaBody, policyBody []byte, size uint64, digest []byte) []byte {
+	m := []byte(SigStanza + " " + SigVersion2 + "\n")
+	h1 := sha256.Sum256(metaBody)
+	h2 := sha256.Sum256(policyBody)
+	m = append(m, h1[:]...)
+	m = append(m, h2[:]...)
+	m = binary.BigEndian.AppendUint64(m, size)
+	return append(m, digest...)
 }
 
 // SignedMessage is the exact byte string a publisher signs:
@@ -174,6 +209,9 @@ func (p *Public) VerifySignature() error {
 		return ErrUnsigned
 	}
 	msg := SignedMessage(p.metaBody, p.policyBody, p.Signature.Size, p.Signature.SHA256)
+	if p.Signature.Version == SigVersion2 {
+		msg = SignedMessageV2(p.metaBody, p.policyBody, p.Signature.Size, p.Signature.Digest)
+	}
 	if !ed25519.Verify(p.Signature.PublicKey, msg, p.Signature.Sig) {
 		return ErrBadSignature
 	}

@@ -1,0 +1,276 @@
+"""The draft reader of the extra (tests/seekgz_reader.py) on payloads made by
+the Go encoder (helper/seekgz), from real sealed memfds: random access at
+block boundaries gives the clear file's bytes and positions, reads stop after
+shutdown, a bad payload is refused with the descriptor closed."""
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import pathlib
+import subprocess
+from typing import Callable, Iterator
+
+import pytest
+
+import seekgz_reader as sr
+from gcodegen import sample_gcode
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BLOCK = 4096
+F_ADD_SEALS, ALL_SEALS = 1033, 0xF
+
+
+class Printer:
+    def __init__(self) -> None:
+        self.shutdown = False
+
+    def is_shutdown(self) -> bool:
+        return self.shutdown
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> pathlib.Path:
+    exe = tmp_path_factory.mktemp("enc") / "seekgz_encode"
+    subprocess.run(["go", "build", "-o", str(exe), "./bench/seekgz_encode"], cwd=ROOT,
+                   check=True)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def clear() -> bytes:
+    data = sample_gcode(layers=40, moves_per_layer=60, thumbnails=False)
+    # Not a multiple of the block size, several blocks, a non-ASCII comment.
+    data += "; Ünïcode comment\n".encode() * 3
+    assert len(data) % BLOCK and len(data) > 8 * BLOCK
+    return data
+
+
+@pytest.fixture(scope="module")
+def payload(encoder, clear, tmp_path_factory) -> bytes:
+    d = tmp_path_factory.mktemp("payload")
+    (d / "in").write_bytes(clear)
+    subprocess.run([str(encoder), "-block", str(BLOCK), str(d / "in"), str(d / "out")],
+                   check=True, capture_output=True)
+    data = (d / "out").read_bytes()
+    (d / "in").unlink()
+    (d / "out").unlink()
+    return data
+
+
+def sealed_memfd(data: bytes) -> int:
+    fd = os.memfd_create("encprint-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    fcntl.fcntl(fd, F_ADD_SEALS, ALL_SEALS)
+    return fd
+
+
+@pytest.fixture
+def opener(tmp_path) -> Iterator[Callable]:
+    files = []
+
+    def open_(data: bytes, printer=None):
+        f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "part.gcode"),
+                         printer or Printer())
+        files.append(f)
+        return f
+    yield open_
+    for f in files:
+        f.close()
+
+
+def clear_file(tmp_path: pathlib.Path, data: bytes):
+    """The clear G-code opened as virtual_sdcard opens a file, kept off the
+    disk: io.open(path, 'r', newline='') of an (unsealed) memfd."""
+    fd = os.memfd_create("clear", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    try:
+        return open(f"/proc/self/fd/{fd}", newline="", encoding="utf-8")
+    finally:
+        os.close(fd)
+
+
+def test_stock_gzip_reads_the_gcode(payload, clear):
+    """`age -d | gunzip` gives the G-code: Python's gzip reads it whole too."""
+    assert gzip.decompress(payload) == clear
+    assert len(payload) < len(clear) / 3
+
+
+def test_size_and_sequential_read_like_the_clear_file(opener, payload, clear, tmp_path):
+    f, ref = opener(payload), clear_file(tmp_path, clear)
+    for g in (f, ref):
+        g.seek(0, os.SEEK_END)
+    assert f.tell() == ref.tell() == len(clear)
+    f.seek(0)
+    ref.seek(0)
+    chunks = []
+    while True:             # virtual_sdcard's loop
+        data = f.read(8192)
+        assert data == ref.read(8192)
+        if not data:
+            break
+        chunks.append(data)
+    assert "".join(chunks).encode() == clear
+    ref.close()
+
+
+@pytest.mark.parametrize("pos", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK - 1,
+                                 3 * BLOCK + BLOCK // 2, "last-block", "last-byte", "eof"])
+def test_random_access_at_block_boundaries(opener, payload, clear, tmp_path, pos):
+    """Every position (first/last byte of a block, middle, the last block,
+    EOF) reads the clear file's bytes, as virtual_sdcard's resume and M26
+    seek there."""
+    n = len(clear)
+    pos = {"last-block": (n // BLOCK) * BLOCK, "last-byte": n - 1, "eof": n}.get(pos, pos)
+    f, ref = opener(payload), clear_file(tmp_path, clear)
+    for size in (1, 2, 100, BLOCK + 7, 3 * BLOCK):
+        f.seek(pos)
+        ref.seek(pos)
+        assert f.read(size) == ref.read(size), (pos, size)
+        assert f.tell() == ref.tell()
+    f.seek(pos)
+    assert f.buffer.read(5) == clear[pos:pos + 5]
+    ref.close()
+
+
+def test_seek_back_and_forth_many_blocks(opener, payload, clear):
+    f = opener(payload)
+    raw = f.buffer.raw
+    for pos in (5 * BLOCK + 3, BLOCK - 1, 7 * BLOCK, 0, len(clear) - 3):
+        f.seek(pos)
+        assert f.buffer.read(3) == clear[pos:pos + 3]
+    assert raw.tell() >= len(clear) - 3
+
+
+def test_reads_refused_after_shutdown(opener, payload):
+    """virtual_sdcard logs the text around the position on shutdown: after
+    shutdown neither the raw reader nor the buffer gives a byte."""
+    printer = Printer()
+    f = opener(payload, printer)
+    f.seek(BLOCK - 10)
+    assert f.buffer.peek(1)           # something is buffered now
+    printer.shutdown = True
+    f.seek(BLOCK - 10)
+    with pytest.raises(sr.ShutdownRead):
+        f.read(1)
+    with pytest.raises(sr.ShutdownRead):
+        f.buffer.raw.readinto(bytearray(10))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def corrupt_footer(p: bytearray) -> None:
+    p[-sr.FOOTER_SIZE + 16 + 9] ^= 0x10       # the G-code size, one block more
+
+
+def corrupt_index(p: bytearray) -> None:
+    off = len(p) - sr.FOOTER_SIZE - 30        # inside the last index member
+    p[off] ^= 0x40
+
+
+@pytest.mark.parametrize("damage", [corrupt_footer, corrupt_index,
+                                    lambda p: p.__delitem__(slice(-1, None)),
+                                    lambda p: p.__setitem__(slice(-10, None), b"\0" * 10)])
+def test_bad_index_refused_and_fd_closed(payload, damage, tmp_path):
+    p = bytearray(payload)
+    damage(p)
+    before = open_fds()
+    with pytest.raises(sr.SeekgzError):
+        sr.open_text(sealed_memfd(bytes(p)), len(p), str(tmp_path / "x.gcode"), Printer())
+    assert open_fds() == before
+
+
+def test_gcode_size_off_by_one_refused_on_read(opener, payload, clear):
+    """A footer whose G-code size is one byte short still lists the right
+    blocks; the last block then inflates to a byte more than it should."""
+    p = bytearray(payload)
+    p[-sr.FOOTER_SIZE + 16 + 8] ^= 1
+    f = opener(bytes(p))
+    f.seek(len(clear) - 5)
+    with pytest.raises(sr.SeekgzError, match="inflates to"):
+        f.read(2)
+
+
+def test_tampered_block_refused_on_read(opener, payload):
+    """The helper refuses such a payload before the fd leaves; the reader
+    still never returns a wrong byte."""
+    p = bytearray(payload)
+    p[2 * 0 + 60] ^= 0x08                     # deflate data of block 0
+    f = opener(bytes(p))
+    with pytest.raises(sr.SeekgzError):
+        f.read(10)
+
+
+def test_bomb_block_refused(tmp_path):
+    """A block whose deflate data inflates far past its block size stops at
+    block size + 1 bytes and is refused."""
+    import struct
+    import zlib
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = c.compress(b"\0" * (8 << 20)) + c.flush()
+    member = sr.BLOCK_MAGIC + b"\0\0\0\0" + body + struct.pack("<II", 0, BLOCK)
+    member = member[:16] + struct.pack("<I", len(member)) + member[20:]
+    index = (sr.INDEX_HEAD + struct.pack("<H2sH", 8, b"Ei", 4) + struct.pack("<I", len(member))
+             + sr.EMPTY_TAIL)
+    footer = (sr.FOOTER_HEAD + struct.pack("<IIQQII", 1, BLOCK, BLOCK, len(member), 1,
+                                           len(index)) + sr.EMPTY_TAIL)
+    data = member + index + footer
+    f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "b.gcode"), Printer())
+    try:
+        with pytest.raises(sr.SeekgzError, match="inflates to"):
+            f.read(10)
+    finally:
+        f.close()
+
+
+def test_close_closes_the_memfd(payload, tmp_path):
+    before = open_fds()
+    f = sr.open_text(sealed_memfd(payload), len(payload), str(tmp_path / "c.gcode"), Printer())
+    assert open_fds() == before + 1
+    assert f.name == str(tmp_path / "c.gcode")
+    f.close()
+    assert open_fds() == before
+    with pytest.raises(ValueError):
+        f.read(1)
+
+
+def test_text_wrapper_is_what_the_bridge_builds(opener, payload):
+    f = opener(payload)
+    assert isinstance(f, io.TextIOWrapper) and f.seekable() and f.readable()
+
+
+VECTORS = ROOT / "proto" / "testdata" / "seekgz"
+
+
+@pytest.mark.parametrize("case", json.loads((VECTORS / "vectors.json").read_text()),
+                         ids=lambda c: c["file"])
+def test_format_vectors(case, tmp_path):
+    """proto/testdata/seekgz: the valid payloads read back to their G-code,
+    every bad one is refused, at open (index) or at the bad block's read."""
+    data = (VECTORS / case["file"]).read_bytes()
+    before = open_fds()
+    if case["expect"] in ("index_error", "not_seekable"):
+        with pytest.raises(sr.SeekgzError):
+            sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
+        assert open_fds() == before
+        return
+    f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
+    try:
+        if case["expect"] == "block_error":
+            with pytest.raises(sr.SeekgzError):
+                while f.buffer.read(4096):
+                    pass
+            return
+        got = f.buffer.read()
+        assert len(got) == case.get("gcode_size", 0)
+        assert hashlib.sha256(got).hexdigest() == case["gcode_sha256"]
+        assert f.buffer.raw._index.blocks() == case.get("blocks", 0)
+        assert gzip.decompress(data) == got
+    finally:
+        f.close()
+    assert open_fds() == before

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,12 +32,21 @@ func TestMain(m *testing.M) {
 		switch os.Args[1] {
 		case "privprobe":
 			os.Exit(probe(os.Args[2:]))
+		case "runkeeper":
+			fmt.Println(RunKeeper())
+			os.Exit(0)
 		case KeeperArg:
 			if err := Harden(); err != nil {
 				fmt.Fprintln(os.Stderr, err)
 				os.Exit(1)
 			}
-			if err := ServeKeeper(os.Args[2]); err != nil {
+			// The test helper's compiled-in state directory: next to it.
+			exe, _ := os.Readlink("/proc/self/exe")
+			dir := filepath.Join(filepath.Dir(exe), "state")
+			if len(os.Args) > 2 {
+				dir = os.Args[2]
+			}
+			if err := ServeKeeper(dir); err != nil {
 				fmt.Fprintln(os.Stderr, err)
 				os.Exit(1)
 			}
@@ -53,7 +61,6 @@ type report struct {
 	Env            []string
 	Start, Dropped Ids
 	IdentityRead   string // content read while privileged
-	DropErr        string
 	RegainUID      string // error of setresuid back to the helper's user
 	RegainGID      string
 	ReopenIdentity string // error opening the identity after the drop
@@ -64,31 +71,22 @@ type report struct {
 }
 
 func probe(args []string) int {
-	identity, stateDir, groupFile := args[0], args[1], args[2]
+	IdentityPath, PolicyPath, StateDir = args[0], args[1], args[2]
+	groupFile := args[3]
 	var r report
-	if err := Harden(); err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	r.Env = os.Environ()
-	r.Start = Current()
-	if f, err := OpenOwned(identity, Owner{UID: r.Start.EUID, Forbidden: 0o077}); err != nil {
-		r.IdentityRead = "error: " + err.Error()
-	} else {
-		b, _ := io.ReadAll(f)
-		r.IdentityRead = string(b)
-		f.Close()
-	}
-	k, err := StartKeeper("/proc/self/exe", stateDir)
+	p, err := Start()
 	if err != nil {
 		fmt.Println(err)
 		return 1
 	}
-	r.DropErr = errString(Drop(r.Start))
+	r.Env = os.Environ()
+	r.Start = p.Ids
+	r.IdentityRead = string(p.Identity)
+	k := p.Keeper
 	r.Dropped = Current()
 	r.RegainUID = errString(unix.Setresuid(-1, r.Start.EUID, -1))
 	r.RegainGID = errString(unix.Setresgid(-1, r.Start.EGID, -1))
-	if f, err := os.Open(identity); err != nil {
+	if f, err := os.Open(IdentityPath); err != nil {
 		r.ReopenIdentity = err.Error()
 	} else {
 		f.Close()
@@ -163,6 +161,9 @@ func setuidHelper(t *testing.T) (dir string) {
 	for _, p := range []string{sd, filepath.Join(sd, "state"), filepath.Join(sd, "lock")} {
 		os.Chown(p, helperUID, helperGID)
 	}
+	pol := filepath.Join(dir, "policy.json")
+	os.WriteFile(pol, []byte(`{"require_signature": true}`), 0o644)
+	chown(t, pol, 0, 0, 0o644)
 	g := filepath.Join(dir, "group.gcode")
 	os.WriteFile(g, []byte("G28\n"), 0o644)
 	chown(t, g, 0, helperGID, 0o644)
@@ -171,12 +172,7 @@ func setuidHelper(t *testing.T) (dir string) {
 
 func runAsPrinter(t *testing.T, dir string) report {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(dir, "encprint-helper"), "privprobe",
-		filepath.Join(dir, "identity"), filepath.Join(dir, "state"), filepath.Join(dir, "group.gcode"))
-	cmd.Env = []string{"ENCPRINT_IDENTITY=/etc/shadow", "LD_PRELOAD=/nonexistent.so", "GOTRACEBACK=crash"}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: printerUID, Gid: printerGID, Groups: []uint32{}}}
-	cmd.Stderr = os.Stderr
-	out, err := cmd.Output()
+	out, err := probeAsPrinter(dir)
 	if err != nil {
 		t.Fatalf("probe as uid %d: %v\n%s", printerUID, err, out)
 	}
@@ -185,6 +181,15 @@ func runAsPrinter(t *testing.T, dir string) report {
 		t.Fatalf("probe said %q: %v", out, err)
 	}
 	return r
+}
+
+func probeAsPrinter(dir string) ([]byte, error) {
+	cmd := exec.Command(filepath.Join(dir, "encprint-helper"), "privprobe", filepath.Join(dir, "identity"),
+		filepath.Join(dir, "policy.json"), filepath.Join(dir, "state"), filepath.Join(dir, "group.gcode"))
+	cmd.Env = []string{"ENCPRINT_IDENTITY=/etc/shadow", "LD_PRELOAD=/nonexistent.so", "GOTRACEBACK=crash"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: printerUID, Gid: printerGID, Groups: []uint32{}}}
+	cmd.Stderr = os.Stderr
+	return cmd.Output()
 }
 
 // The helper run by the printer's user: privileged for the fixed files,
@@ -196,9 +201,6 @@ func TestSetuidHelperDropsPrivilegeForGood(t *testing.T) {
 	}
 	if r.IdentityRead != "AGE-SECRET-KEY-1CANARY\n" {
 		t.Fatalf("the privileged open of the identity: %q", r.IdentityRead)
-	}
-	if r.DropErr != "" {
-		t.Fatalf("Drop: %s", r.DropErr)
 	}
 	if want := (Ids{printerUID, printerUID, printerUID, printerGID, printerGID, printerGID}); r.Dropped != want {
 		t.Fatalf("ids after Drop %+v, want %+v", r.Dropped, want)
@@ -314,5 +316,52 @@ func TestKeeperSaysWhenTheStateIsMissing(t *testing.T) {
 	_, err = k.Commit(fileA, "", 1)
 	if !errors.Is(err, state.ErrMissing) || !strings.Contains(err.Error(), "nothing prints") {
 		t.Fatalf("commit without a state: %v", err)
+	}
+}
+
+// The privileged files must be what install.sh made them; anything that
+// someone else could have written stops the helper before the drop.
+func TestStartRefusesPrivilegedFilesOthersCouldChange(t *testing.T) {
+	for name, c := range map[string]struct {
+		change func(dir string)
+		want   string
+	}{
+		"policy writable by the printer's user": {func(dir string) {
+			os.Chown(filepath.Join(dir, "policy.json"), printerUID, printerGID)
+		}, "policy.json belongs to uid 64532, not 0"},
+		"policy group-writable": {func(dir string) {
+			os.Chmod(filepath.Join(dir, "policy.json"), 0o664)
+		}, "policy.json has mode 0664"},
+		"policy loosened with a typo": {func(dir string) {
+			os.WriteFile(filepath.Join(dir, "policy.json"), []byte(`{"require_signatur": false}`), 0o644)
+		}, "unknown field"},
+		"identity readable by others": {func(dir string) {
+			os.Chmod(filepath.Join(dir, "identity"), 0o644)
+		}, "identity has mode 0644"},
+		"state directory missing": {func(dir string) {
+			os.RemoveAll(filepath.Join(dir, "state"))
+		}, "cannot open the print-count state"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := setuidHelper(t)
+			c.change(dir)
+			out, err := probeAsPrinter(dir)
+			if err == nil || !strings.Contains(string(out), c.want) {
+				t.Fatalf("helper with %s: %v, said %q (want %q)", name, err, out, c.want)
+			}
+			if strings.Contains(string(out), "CANARY") {
+				t.Fatalf("the refusal shows the identity: %q", out)
+			}
+		})
+	}
+}
+
+func TestKeeperModeRefusesToRunUnprivileged(t *testing.T) {
+	if Current().Elevated() {
+		t.Skip("the test binary runs set-user-ID")
+	}
+	out, err := exec.Command("/proc/self/exe", "runkeeper").Output()
+	if err != nil || !strings.Contains(string(out), "runs only as part of the installed, set-user-ID helper") {
+		t.Fatalf("keeper mode unprivileged: %v, %q", err, out)
 	}
 }

@@ -3,6 +3,7 @@ real SCM_RIGHTS, real /proc, under the default asyncio loop and uvloop."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib
 import json
 import os
@@ -163,6 +164,10 @@ def tamper(data: bytes, what: str) -> bytes:
     ("directory", "not_a_file", "not a regular file"),
     ("outside", "outside_root", "outside the gcodes folder"),
     ("no_identity", "identity_error", "encprint keygen"),
+    ("fifo", "not_a_file", "not a regular file (a FIFO)"),
+    ("armored", "malformed_header", "re-encrypt it without -a/--armor"),
+    ("expired", "expired", "expired on 2020-01-01 00:00:00 UTC"),
+    ("not_yet_valid", "not_yet_valid", "may not be printed before 2999-01-01 00:00:00 UTC"),
 ])
 def test_bad_input_gets_a_specific_error(ep, binaries, client, keys, gcodes, tmp_path, run,
                                          case, code, words):
@@ -184,6 +189,17 @@ def test_bad_input_gets_a_specific_error(ep, binaries, client, keys, gcodes, tmp
     elif case == "outside":
         outside = put(tmp_path, "outside.gcode", data)
         (gcodes / name).symlink_to(outside)
+    elif case == "fifo":
+        os.mkfifo(gcodes / name)  # opening it must not wait for a writer
+    elif case == "armored":
+        b64 = base64.b64encode(data).decode()
+        put(gcodes, name, ("-----BEGIN AGE ENCRYPTED FILE-----\n"
+                           + "".join(b64[i:i + 64] + "\n" for i in range(0, len(b64), 64))
+                           + "-----END AGE ENCRYPTED FILE-----\n").encode())
+    elif case == "expired":
+        put(gcodes, name, keys.encrypt(plain, "--not-after", "2020-01-01"))
+    elif case == "not_yet_valid":
+        put(gcodes, name, keys.encrypt(plain, "--not-before", "2999-01-01"))
     elif case == "no_identity":
         put(gcodes, name, data)
         client = ep.HelperClient(str(binaries / "encprint-helper"), str(tmp_path / "nope.key"))
@@ -265,13 +281,15 @@ def test_malformed_requests_are_refused(ep, binaries, payload, code):
 def test_helper_of_another_protocol_version_is_refused_with_the_remedy(ep, binaries, keys,
                                                                         gcodes, tmp_path, run):
     """A real helper built from this source with protocol 2, as after an update
-    that changed the protocol (go build -overlay swaps the version file)."""
-    ver = tmp_path / "version.go"
-    src = (ROOT / "helper/version/version.go").read_text().replace(
-        "const Protocol = 1", "const Protocol = 2")
+    that changed the protocol (go build -overlay swaps the contract file)."""
+    ver = tmp_path / "contract.go"
+    contract_go = ROOT / "helper/contract/contract.go"
+    original = contract_go.read_text()
+    src = original.replace("const ProtocolVersion = 1", "const ProtocolVersion = 2")
+    assert src != original, "helper/contract/contract.go no longer defines ProtocolVersion so"
     ver.write_text(src)
     overlay = tmp_path / "overlay.json"
-    overlay.write_text(json.dumps({"Replace": {str(ROOT / "helper/version/version.go"): str(ver)}}))
+    overlay.write_text(json.dumps({"Replace": {str(contract_go): str(ver)}}))
     newer = tmp_path / "encprint-helper-v2"
     subprocess.run(["go", "build", "-overlay", str(overlay), "-o", str(newer),
                     "./helper/cmd/encprint-helper"], cwd=ROOT, check=True)

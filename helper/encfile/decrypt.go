@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"strings"
 	"sync"
 
 	"filippo.io/age"
@@ -19,7 +20,9 @@ const (
 	segmentSize  = 16 * chunkSize
 )
 
-// Errors Open and Decrypt return; callers branch on them with errors.Is/As.
+// Errors Open and DecryptTo/DecryptInto return; callers branch on them with
+// errors.Is/As. A failure to read the file itself is a *ReadError, never one
+// of these.
 var (
 	ErrWrongIdentity = errors.New("this printer is not a recipient of the file (encrypted for other printers)")
 	ErrHeaderAuth    = errors.New("header authentication failed: the header or its metadata was altered, or the file is corrupt")
@@ -39,8 +42,9 @@ func (e *ChunkError) Error() string {
 }
 
 // File is an encrypted file whose header has been authenticated with an
-// identity. Its plaintext size is authenticated too (age verifies the final
-// chunk first); the rest of the payload is authenticated as it is decrypted.
+// identity. Its plaintext size is authenticated too (age decrypts and
+// authenticates the final chunk first); the rest of the payload is
+// authenticated as it is decrypted.
 type File struct {
 	Header    *Header
 	Public    *Public
@@ -49,15 +53,25 @@ type File struct {
 	// number of plaintext bytes authenticated so far, in order.
 	Progress func(done int64)
 
-	src   io.ReaderAt
-	size  int64
 	plain io.ReaderAt
+}
+
+// source marks the errors of the underlying file as *ReadError, so that a
+// disk error is never mistaken for tampering.
+type source struct{ r io.ReaderAt }
+
+func (s source) ReadAt(p []byte, off int64) (int, error) {
+	n, err := s.r.ReadAt(p, off)
+	if err != nil && err != io.EOF {
+		err = &ReadError{Offset: off, Err: err}
+	}
+	return n, err
 }
 
 // ParseFile reads only the public parts of an encrypted file: no key needed,
 // nothing authenticated.
 func ParseFile(src io.ReaderAt, size int64) (*Header, *Public, error) {
-	h, err := ParseHeader(io.NewSectionReader(src, 0, size))
+	h, err := ParseHeader(io.NewSectionReader(source{src}, 0, size))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -68,37 +82,79 @@ func ParseFile(src io.ReaderAt, size int64) (*Header, *Public, error) {
 	return h, p, nil
 }
 
-// Open parses the header, authenticates it with one of ids, and authenticates
-// the plaintext size. Its cost does not depend on the file size.
+// Open parses the header, authenticates it with one of ids, and decrypts and
+// authenticates the final payload chunk, which authenticates the plaintext
+// size. Its cost does not depend on the file size.
 func Open(src io.ReaderAt, size int64, ids ...age.Identity) (*File, error) {
 	h, p, err := ParseFile(src, size)
 	if err != nil {
 		return nil, err
 	}
-	fileKey, err := age.DecryptHeader(h.Raw, ids...)
+	fileKey, err := decryptHeader(h, ids)
 	if err != nil {
-		var nm *age.NoIdentityMatchError
-		if errors.As(err, &nm) {
-			return nil, ErrWrongIdentity
-		}
-		return nil, fmt.Errorf("%w (%v)", ErrHeaderAuth, err)
+		return nil, err
 	}
 	if size < h.Size()+nonceSize {
 		return nil, ErrPayloadEnd
 	}
-	plain, ptSize, err := age.DecryptReaderAt(src, size, age.NewInjectedFileKeyIdentity(fileKey))
-	if err != nil {
-		var nm *age.NoIdentityMatchError
-		if errors.As(err, &nm) {
-			// The header changed under us between the two reads.
-			return nil, ErrHeaderAuth
-		}
+	plain, ptSize, err := age.DecryptReaderAt(source{src}, size, age.NewInjectedFileKeyIdentity(fileKey))
+	var re *ReadError
+	var nm *age.NoIdentityMatchError
+	switch {
+	case errors.As(err, &re):
+		return nil, re
+	case errors.As(err, &nm):
+		return nil, ErrHeaderAuth // the header changed under us between the two reads
+	case err != nil:
 		return nil, fmt.Errorf("%w (%v)", ErrPayloadEnd, err)
 	}
 	if p.Signature != nil && p.Signature.Size != uint64(ptSize) {
 		return nil, ErrSizeMismatch
 	}
-	return &File{Header: h, Public: p, PlainSize: ptSize, src: src, size: size, plain: plain}, nil
+	return &File{Header: h, Public: p, PlainSize: ptSize, plain: plain}, nil
+}
+
+// decryptHeader unwraps the file key with one of ids and checks the header
+// MAC. A recipient stanza an identity cannot parse is a malformed header; a
+// MAC that does not verify is ErrHeaderAuth.
+func decryptHeader(h *Header, ids []age.Identity) ([]byte, error) {
+	marked := make([]age.Identity, len(ids))
+	for i, id := range ids {
+		marked[i] = stanzaIdentity{id}
+	}
+	fileKey, err := age.DecryptHeader(h.Raw, marked...)
+	var nm *age.NoIdentityMatchError
+	var se *recipientStanzaError
+	switch {
+	case errors.As(err, &nm):
+		return nil, ErrWrongIdentity
+	case errors.As(err, &se):
+		return nil, &HeaderError{Reason: "recipient stanza: " + se.err.Error()}
+	case err != nil && strings.HasPrefix(err.Error(), "failed to read header"):
+		return nil, &HeaderError{Reason: err.Error()} // age's grammar is stricter than ours somewhere
+	case err != nil:
+		return nil, fmt.Errorf("%w (%v)", ErrHeaderAuth, err)
+	}
+	return fileKey, nil
+}
+
+// stanzaIdentity marks the errors an identity returns for a stanza it
+// recognises but cannot parse, which age does not tell apart from a bad MAC.
+type stanzaIdentity struct{ age.Identity }
+
+type recipientStanzaError struct{ err error }
+
+func (e *recipientStanzaError) Error() string { return e.err.Error() }
+
+func (s stanzaIdentity) Unwrap(stanzas []*age.Stanza) ([]byte, error) {
+	key, err := s.Identity.Unwrap(stanzas)
+	if err != nil && !errors.Is(err, age.ErrIncorrectIdentity) {
+		var nm *age.NoIdentityMatchError
+		if !errors.As(err, &nm) {
+			return nil, &recipientStanzaError{err}
+		}
+	}
+	return key, err
 }
 
 // Result is what a full decryption proved about the plaintext.
@@ -222,7 +278,7 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 					return
 				}
 				if _, err := f.plain.ReadAt(buf, off); err != nil && !(err == io.EOF && n > 0) {
-					fail(i, f.locate(off, n))
+					fail(i, f.explain(err, off, n))
 					return
 				}
 				if err := out.store(buf, off); err != nil {
@@ -268,15 +324,28 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 	return r, nil
 }
 
-// locate finds the first chunk in a failed segment, for a precise error.
-func (f *File) locate(off int64, n int) error {
+// explain turns the failure err of the segment at plaintext offset off into
+// a precise error: the *ReadError of a failed read, or the ChunkError of the
+// first chunk that does not authenticate.
+func (f *File) explain(err error, off int64, n int) error {
+	var re *ReadError
+	if errors.As(err, &re) {
+		return re
+	}
 	buf := make([]byte, chunkSize)
 	for c := off; c < off+int64(n); c += chunkSize {
 		m := int(min(chunkSize, f.PlainSize-c))
-		if _, err := f.plain.ReadAt(buf[:m], c); err != nil && !(err == io.EOF && m > 0) {
-			idx := c / chunkSize
-			return &ChunkError{Index: idx, Offset: f.Header.Size() + nonceSize + idx*(chunkSize+chunkOverlay)}
+		_, cerr := f.plain.ReadAt(buf[:m], c)
+		if cerr == nil || (cerr == io.EOF && m > 0) {
+			continue
 		}
+		if errors.As(cerr, &re) {
+			return re
+		}
+		idx := c / chunkSize
+		return &ChunkError{Index: idx, Offset: f.Header.Size() + nonceSize + idx*(chunkSize+chunkOverlay)}
 	}
-	return &ChunkError{Index: off / chunkSize, Offset: f.Header.Size() + nonceSize + off/chunkSize*(chunkSize+chunkOverlay)}
+	// Every chunk authenticated when read again: the file changed while it
+	// was read (a new upload over it), which is a read problem, not tampering.
+	return &ReadError{Offset: f.Header.Size() + nonceSize, Err: fmt.Errorf("the file read differently twice (%v); was it replaced during the read?", err)}
 }

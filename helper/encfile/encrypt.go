@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 
@@ -24,12 +25,15 @@ type EncryptOptions struct {
 	Signer ed25519.PrivateKey
 }
 
+// ErrNoRecipients means EncryptOptions names no recipient.
+var ErrNoRecipients = errors.New("no recipients: a file must be encrypted for at least one printer")
+
 // Encrypt reads the whole G-code from src and writes the encrypted file to
 // dst. With a Signer, src is read twice (once to hash the plaintext for the
 // signature, which sits in the header), so it must be at offset 0.
 func Encrypt(dst io.Writer, src io.ReadSeeker, opts EncryptOptions) error {
 	if len(opts.Recipients) == 0 {
-		return fmt.Errorf("no recipients: name at least one printer with -r or -R")
+		return ErrNoRecipients
 	}
 	pol := Policy{}
 	if opts.Policy != nil {

@@ -16,36 +16,53 @@ import (
 	"fmt"
 	"io"
 	"strings"
-)
 
-// Magic is the first line of every encrypted G-code file (the age v1 intro).
-const Magic = "age-encryption.org/v1"
+	"github.com/klipper-encprint/encprint/helper/contract"
+)
 
 // MaxHeaderSize bounds the header a reader accepts. age itself puts no limit
 // on it; thumbnails make ours larger than a plain age header, but never this
 // large.
 const MaxHeaderSize = 4 << 20
 
-const (
-	armorStart   = "-----BEGIN AGE ENCRYPTED FILE-----"
-	bodyLineSize = 64
-)
+const bodyLineSize = 64
+
+// introLine is the age v1 intro without its newline, for messages.
+var introLine = strings.TrimSuffix(contract.AgeMagic, "\n")
 
 // ErrNotEncrypted means the file does not start with the age v1 intro line.
-var ErrNotEncrypted = errors.New("not an encrypted G-code file (the first line is not " + Magic + ")")
+var ErrNotEncrypted = errors.New("not an encrypted G-code file (the first line is not " + introLine + ")")
 
 // ErrArmored means the file is ASCII-armored age, which printers do not read.
-var ErrArmored = errors.New("ASCII-armored age file: encrypt without -a/--armor (printers need the binary form)")
+var ErrArmored = errors.New("ASCII-armored age file (it starts with " + contract.ArmorBegin +
+	"): printers need the binary form; re-encrypt it without -a/--armor")
 
-// HeaderError reports a malformed header, with the 1-based line it found the problem on.
+// HeaderError reports a malformed header, with the 1-based line it found the
+// problem on (0 when the problem is not on one line).
 type HeaderError struct {
 	Line   int
 	Reason string
 }
 
 func (e *HeaderError) Error() string {
+	if e.Line == 0 {
+		return "malformed header: " + e.Reason
+	}
 	return fmt.Sprintf("malformed header at line %d: %s", e.Line, e.Reason)
 }
+
+// ReadError reports that reading the encrypted file itself failed (a disk or
+// file system error), as opposed to its content being wrong.
+type ReadError struct {
+	Offset int64
+	Err    error
+}
+
+func (e *ReadError) Error() string {
+	return fmt.Sprintf("reading the file at byte %d failed: %v", e.Offset, e.Err)
+}
+
+func (e *ReadError) Unwrap() error { return e.Err }
 
 // Header is the parsed, not yet authenticated, header of an encrypted file.
 type Header struct {
@@ -83,9 +100,21 @@ var b64 = base64.RawStdEncoding.Strict()
 
 // ParseHeader reads and parses the header at the start of r without any key.
 // It enforces the age v1 grammar strictly (canonical base64, full 64-column
-// body lines, a final short line) and MaxHeaderSize.
+// body lines, a final short line) and MaxHeaderSize. A file that starts with
+// the armor line is ErrArmored; one that starts with neither that nor the
+// age v1 intro is ErrNotEncrypted.
 func ParseHeader(r io.Reader) (*Header, error) {
 	br := bufio.NewReaderSize(io.LimitReader(r, MaxHeaderSize+1), 64<<10)
+	head, err := br.Peek(SniffSize)
+	if err != nil && err != io.EOF {
+		return nil, err
+	}
+	switch {
+	case bytes.HasPrefix(head, []byte(contract.ArmorBegin)):
+		return nil, ErrArmored
+	case !bytes.HasPrefix(head, []byte(contract.AgeMagic)):
+		return nil, ErrNotEncrypted
+	}
 	var raw bytes.Buffer
 	line := 0
 	next := func() (string, error) {
@@ -95,9 +124,6 @@ func ParseHeader(r io.Reader) (*Header, error) {
 			return "", &HeaderError{line + 1, fmt.Sprintf("header larger than %d bytes", MaxHeaderSize)}
 		}
 		if err == io.EOF {
-			if line == 0 && s == "" {
-				return "", ErrNotEncrypted
-			}
 			return "", &HeaderError{line + 1, "file ends inside the header (truncated)"}
 		}
 		if err != nil {
@@ -106,18 +132,8 @@ func ParseHeader(r io.Reader) (*Header, error) {
 		line++
 		return s[:len(s)-1], nil
 	}
-	intro, err := next()
-	if err != nil {
-		if !strings.HasPrefix(raw.String(), Magic) {
-			return nil, ErrNotEncrypted
-		}
+	if _, err := next(); err != nil { // the intro, checked above
 		return nil, err
-	}
-	if intro != Magic {
-		if strings.TrimSpace(intro) == armorStart {
-			return nil, ErrArmored
-		}
-		return nil, ErrNotEncrypted
 	}
 	h := &Header{}
 	s, err := next()
@@ -184,9 +200,14 @@ func validArg(a string) bool {
 	return true
 }
 
-// IsEncrypted reports whether prefix (the first bytes of a file) starts with
-// the age v1 intro line. It is the cheap test for "is this an encrypted
-// G-code file"; ParseHeader is the strict one.
+// SniffSize is how many leading bytes IsEncrypted needs.
+const SniffSize = max(len(contract.AgeMagic), len(contract.ArmorBegin))
+
+// IsEncrypted reports whether prefix (the first SniffSize bytes of a file)
+// starts with the age v1 intro line or the armor line. It is the cheap test
+// for "is this an encrypted file, never to be streamed as G-code" that the
+// helper, the component and the Klipper extra all apply (docs/format.md);
+// ParseHeader is the strict one, and refuses armor.
 func IsEncrypted(prefix []byte) bool {
-	return bytes.HasPrefix(prefix, []byte(Magic+"\n"))
+	return bytes.HasPrefix(prefix, []byte(contract.AgeMagic)) || bytes.HasPrefix(prefix, []byte(contract.ArmorBegin))
 }

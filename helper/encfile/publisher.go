@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/klipper-encprint/encprint/helper/contract"
 )
 
 // Text forms of publisher keys. A public key is one line, shareable:
@@ -14,26 +16,13 @@ import (
 // key file holds "ENCPRINT-PUBLISHER-KEY:" + base64 of the 32-byte seed;
 // lines starting with '#' are comments.
 const (
-	PublicKeyPrefix = "encprint-pub:"
+	PublicKeyPrefix = contract.PublisherKeyPrefix
 	SecretKeyPrefix = "ENCPRINT-PUBLISHER-KEY:"
 )
 
 // FormatPublicKey returns the text form of a publisher public key.
 func FormatPublicKey(pub []byte) string {
 	return PublicKeyPrefix + base64.RawStdEncoding.EncodeToString(pub)
-}
-
-// ParsePublicKey parses the text form of a publisher public key.
-func ParsePublicKey(s string) (ed25519.PublicKey, error) {
-	s = strings.TrimSpace(s)
-	if !strings.HasPrefix(s, PublicKeyPrefix) {
-		return nil, fmt.Errorf("malformed publisher key %q: it must start with %q", s, PublicKeyPrefix)
-	}
-	b, err := base64.RawStdEncoding.Strict().DecodeString(s[len(PublicKeyPrefix):])
-	if err != nil || len(b) != ed25519.PublicKeySize {
-		return nil, fmt.Errorf("malformed publisher key %q: not 32 bytes of base64", s)
-	}
-	return ed25519.PublicKey(b), nil
 }
 
 // FormatSecretKey returns the file contents for a publisher secret key.

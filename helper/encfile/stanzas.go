@@ -214,7 +214,8 @@ func SignedMessage(metaBody, policyBody []byte, size uint64, plainSHA []byte) []
 
 // VerifySignature checks the signature over the file's stanzas and the
 // plaintext size and digest it claims. It does not check that the plaintext
-// matches the claim: Decrypt does that.
+// matches the claim: Open checks the size and DecryptTo/DecryptInto the
+// digest.
 func (p *Public) VerifySignature() error {
 	if p.Signature == nil {
 		return ErrUnsigned
@@ -232,17 +233,32 @@ var (
 	ErrBadSignature = errors.New("publisher signature does not verify: the file was altered after signing")
 )
 
-// Window reports whether t is inside the policy's time window, and a
-// sentence saying why not.
-func (p *Policy) Window(t time.Time) (bool, string) {
+// WindowError means a policy's time window does not include the time
+// checked: the file is not printable yet, or no longer.
+type WindowError struct {
+	Expired bool      // past not_after; otherwise before not_before
+	Bound   time.Time // the not_after or not_before crossed, in UTC
+}
+
+func (e *WindowError) Error() string {
+	if e.Expired {
+		return "expired at " + e.Bound.Format(time.RFC3339)
+	}
+	return "not valid before " + e.Bound.Format(time.RFC3339)
+}
+
+// CheckWindow returns a *WindowError unless t is inside the policy's time
+// window: not_before <= t <= not_after in Unix seconds, a bound of 0 being
+// no bound. A nil policy has no window.
+func (p *Policy) CheckWindow(t time.Time) error {
 	if p == nil {
-		return true, ""
+		return nil
 	}
 	if p.NotBefore != 0 && t.Unix() < p.NotBefore {
-		return false, "not valid before " + time.Unix(p.NotBefore, 0).UTC().Format(time.RFC3339)
+		return &WindowError{Bound: time.Unix(p.NotBefore, 0).UTC()}
 	}
 	if p.NotAfter != 0 && t.Unix() > p.NotAfter {
-		return false, "expired at " + time.Unix(p.NotAfter, 0).UTC().Format(time.RFC3339)
+		return &WindowError{Expired: true, Bound: time.Unix(p.NotAfter, 0).UTC()}
 	}
-	return true, ""
+	return nil
 }

@@ -13,8 +13,11 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"filippo.io/age"
+	"filippo.io/age/armor"
+	"github.com/vmihailenco/msgpack/v5"
 )
 
 var updateVectors = flag.Bool("update-vectors", false, "regenerate proto/testdata/vectors")
@@ -37,7 +40,14 @@ type vectorCase struct {
 	Metadata      json.RawMessage `json:"metadata,omitempty"`
 	Policy        *Policy         `json:"policy,omitempty"`
 	Publisher     string          `json:"publisher,omitempty"`
-	Note          string          `json:"note"`
+	// Window is the policy's verdict now: "" (printable), "expired" or
+	// "not_yet_valid". The printer's helper refuses such a file with that
+	// code; the file itself decrypts.
+	Window string `json:"window,omitempty"`
+	// SignatureValid, when set, is what the signature check must say
+	// (absent: true if Publisher is set).
+	SignatureValid *bool  `json:"signature_valid,omitempty"`
+	Note           string `json:"note"`
 }
 
 func vectorKeys(t testing.TB) (*age.X25519Identity, ed25519.PrivateKey) {
@@ -59,13 +69,18 @@ func vectorGcode() []byte {
 	return []byte(b.String())
 }
 
+// errorClass names the protocol error code an error maps to (the helper's
+// classify does the same), or "success".
 func errorClass(err error) string {
 	var he *HeaderError
 	var se *StanzaError
 	var ce *ChunkError
+	var re *ReadError
 	switch {
 	case err == nil:
 		return "success"
+	case errors.As(err, &re):
+		return "io_error"
 	case errors.Is(err, ErrNotEncrypted):
 		return "not_encrypted"
 	case errors.As(err, &se) && se.Unsupported:
@@ -116,6 +131,16 @@ func generateVectors(t *testing.T) {
 	tampered[i] = map[bool]byte{true: 'B', false: 'A'}[tampered[i] == 'A']
 	files["tampered-policy.enc.gcode"] = tampered
 	files["truncated.enc.gcode"] = full[:len(full)-100]
+	expired := &Policy{FileID: bytes.Repeat([]byte{0x43}, 16), NotAfter: 1577836800}  // 2020-01-01
+	notYet := &Policy{FileID: bytes.Repeat([]byte{0x44}, 16), NotBefore: 32503680000} // 3000-01-01
+	files["expired.enc.gcode"] = enc(EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Policy: expired})
+	files["not-yet-valid.enc.gcode"] = enc(EncryptOptions{Recipients: []age.Recipient{id.Recipient()}, Policy: notYet})
+	files["bad-signature.enc.gcode"] = badSignature(t, id, pub, plain)
+	var armored bytes.Buffer
+	aw := armor.NewWriter(&armored)
+	aw.Write(full)
+	aw.Close()
+	files["armored.enc.gcode"] = armored.Bytes()
 	os.MkdirAll(vectorDir, 0o755)
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(vectorDir, name), data, 0o644); err != nil {
@@ -140,7 +165,17 @@ func generateVectors(t *testing.T) {
 		{File: "other.enc.gcode", Expect: "wrong_identity", Note: "encrypted for another printer only"},
 		{File: "tampered-policy.enc.gcode", Expect: "header_auth_failed", Note: "one base64 character of the file id changed"},
 		{File: "truncated.enc.gcode", Expect: "truncated", Note: "last 100 bytes removed"},
+		{File: "armored.enc.gcode", Expect: "malformed_header", Note: "full.enc.gcode in age's ASCII armor (age -a): recognised as encrypted, never printable"},
 	}
+	bad := ok("bad-signature.enc.gcode", "header MAC valid, signature stanza with a correct size and digest but a signature over other bytes: decrypts, signature_valid false", false,
+		&Policy{FileID: bytes.Repeat([]byte{0x45}, 16)}, FormatPublicKey(pub.Public().(ed25519.PublicKey)))
+	bad.SignatureValid = new(bool)
+	cases = append(cases, bad)
+	exp := ok("expired.enc.gcode", "not_after 2020-01-01T00:00:00Z: authentic, refused by the printer as expired", false, expired, "")
+	exp.Window = "expired"
+	nyv := ok("not-yet-valid.enc.gcode", "not_before 3000-01-01T00:00:00Z: authentic, refused by the printer as not yet valid", false, notYet, "")
+	nyv.Window = "not_yet_valid"
+	cases = append(cases, exp, nyv)
 	for i := range cases {
 		if cases[i].Expect == "success" && cases[i].Policy != nil {
 			cases[i].FileID = hex.EncodeToString(cases[i].Policy.FileID)
@@ -164,7 +199,7 @@ func TestFormatVectors(t *testing.T) {
 	if err := json.Unmarshal(raw, &cases); err != nil {
 		t.Fatal(err)
 	}
-	if len(cases) < 6 {
+	if len(cases) < 9 {
 		t.Fatalf("only %d vectors", len(cases))
 	}
 	for _, c := range cases {
@@ -180,10 +215,20 @@ func TestFormatVectors(t *testing.T) {
 			if c.Expect != "success" {
 				return
 			}
+			_, pub, _ := ParseFile(bytes.NewReader(data), int64(len(data)))
+			window := ""
+			var we *WindowError
+			if err := pub.Policy.CheckWindow(time.Now()); errors.As(err, &we) && we.Expired {
+				window = "expired"
+			} else if err != nil {
+				window = "not_yet_valid"
+			}
+			if window != c.Window {
+				t.Fatalf("window verdict %q, want %q", window, c.Window)
+			}
 			if res.Size != c.PlaintextSize || hex.EncodeToString(res.SHA256[:]) != c.SHA256 || int64(len(got)) != res.Size {
 				t.Fatal("plaintext size or digest differs from the vector")
 			}
-			_, pub, _ := ParseFile(bytes.NewReader(data), int64(len(data)))
 			if c.Metadata != nil {
 				gotJSON, _ := json.Marshal(pub.Metadata)
 				var g, w interface{}
@@ -197,10 +242,32 @@ func TestFormatVectors(t *testing.T) {
 				t.Fatalf("file id %x, want %s", pub.FileID, c.FileID)
 			}
 			if c.Publisher != "" {
-				if pub.Signature == nil || FormatPublicKey(pub.Signature.PublicKey) != c.Publisher || pub.VerifySignature() != nil {
-					t.Fatal("signature does not verify as the vector says")
+				valid := c.SignatureValid == nil || *c.SignatureValid
+				if pub.Signature == nil || FormatPublicKey(pub.Signature.PublicKey) != c.Publisher || (pub.VerifySignature() == nil) != valid {
+					t.Fatalf("signature check %v, the vector says valid=%v", pub.VerifySignature(), valid)
 				}
 			}
 		})
 	}
+}
+
+// badSignature is a file for id whose header MAC is valid and whose
+// signature stanza names the right size and digest, but whose signature is
+// over other bytes: what a forger without the publisher's key can make.
+func badSignature(t *testing.T, id *age.X25519Identity, signer ed25519.PrivateKey, plain []byte) []byte {
+	policyBody, _ := msgpack.Marshal(&Policy{FileID: bytes.Repeat([]byte{0x45}, 16)})
+	sum := sha256.Sum256(plain)
+	sig := Signature{Alg: "ed25519", PublicKey: signer.Public().(ed25519.PublicKey), Size: uint64(len(plain)), SHA256: sum[:],
+		Sig: ed25519.Sign(signer, []byte("not the signed message"))}
+	sigBody, _ := msgpack.Marshal(&sig)
+	stanzas := []*age.Stanza{{Type: PolicyStanza, Args: []string{StanzaVersion}, Body: policyBody},
+		{Type: SigStanza, Args: []string{StanzaVersion}, Body: sigBody}}
+	var b bytes.Buffer
+	w, err := age.Encrypt(&b, &stanzaRecipient{stanzas, nil}, id.Recipient())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(plain)
+	w.Close()
+	return b.Bytes()
 }

@@ -11,15 +11,19 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
 	"github.com/vmihailenco/msgpack/v5"
 	"golang.org/x/sys/unix"
 )
 
-// Limits of the framing.
+// Limits of the framing: a record is at most MaxRecord bytes, its length
+// prefix included (the first record starts with the 4-byte prefix); a
+// message body at most MaxMessage bytes.
 const (
-	MaxRecord  = 65536
-	MaxMessage = 16 << 20
+	MaxRecord  = contract.MaxRecord
+	MaxMessage = contract.MaxMessage
+	prefixSize = contract.LengthPrefixBytes
 )
 
 // Hello is the helper's first message.
@@ -29,7 +33,8 @@ type Hello struct {
 	Version  string `msgpack:"version"`
 }
 
-// Request is the component's one request.
+// Request is the component's one request. Decode it with DecodeRequest,
+// which checks every key's presence and type.
 type Request struct {
 	Type      string `msgpack:"type"`
 	Protocol  int    `msgpack:"protocol"`
@@ -87,11 +92,13 @@ type RecipientResult struct {
 	Others    []string `msgpack:"others"`
 }
 
-// Error is the helper's answer when an operation fails.
+// Error is the helper's answer when an operation fails. Key names the
+// request key a bad_request is about, when it is about one.
 type Error struct {
 	Type    string `msgpack:"type"`
 	Code    string `msgpack:"code"`
 	Message string `msgpack:"message"`
+	Key     string `msgpack:"key,omitempty"`
 }
 
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
@@ -133,6 +140,9 @@ func (c *Conn) Send(v interface{}, fd int) error {
 	if err != nil {
 		return err
 	}
+	if len(body) > MaxMessage {
+		return fmt.Errorf("message of %d bytes exceeds the protocol's %d", len(body), MaxMessage)
+	}
 	msg := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
 	msg = append(msg, body...)
 	for first := true; len(msg) > 0; first = false {
@@ -152,33 +162,37 @@ func (c *Conn) Send(v interface{}, fd int) error {
 // ErrClosed means the peer closed the socket.
 var ErrClosed = errors.New("peer closed the connection")
 
-// Recv receives one message into v. Any descriptor that arrives is closed:
-// the helper never expects one.
-func (c *Conn) Recv(v interface{}) error {
+// RecvBody receives one message and returns its msgpack body. A 0-byte
+// record, like the peer's close, is ErrClosed. Any descriptor that arrives is
+// closed and refused: the helper never expects one.
+func (c *Conn) RecvBody() ([]byte, error) {
 	buf := make([]byte, MaxRecord)
 	oob := make([]byte, unix.CmsgSpace(4))
 	var a assembler
 	for {
 		n, oobn, flags, _, err := unix.Recvmsg(c.fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
 		if err != nil {
-			return fmt.Errorf("receiving message: %w", err)
+			return nil, fmt.Errorf("receiving message: %w", err)
 		}
 		if oobn > 0 {
 			closeRights(oob[:oobn])
-			return errors.New("unexpected file descriptor from the component")
+			return nil, errors.New("unexpected file descriptor from the component")
 		}
-		if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-			return errors.New("truncated record")
+		if flags&unix.MSG_TRUNC != 0 {
+			return nil, fmt.Errorf("a record of more than %d bytes (the limit includes the %d-byte length prefix)", MaxRecord, prefixSize)
+		}
+		if flags&unix.MSG_CTRUNC != 0 {
+			return nil, errors.New("truncated ancillary data")
 		}
 		if n == 0 {
-			return ErrClosed
+			return nil, ErrClosed
 		}
 		body, err := a.add(buf[:n])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if body != nil {
-			return msgpack.NewDecoder(bytes.NewReader(body)).Decode(v)
+			return body, nil
 		}
 	}
 }
@@ -194,18 +208,18 @@ type assembler struct {
 func (a *assembler) add(rec []byte) ([]byte, error) {
 	if !a.seen {
 		a.seen = true
-		if len(rec) < 4 {
-			return nil, errors.New("record too short for the length prefix")
+		if len(rec) < prefixSize {
+			return nil, fmt.Errorf("the first record has %d bytes; it must hold the whole %d-byte length prefix", len(rec), prefixSize)
 		}
 		a.want = int(binary.BigEndian.Uint32(rec))
 		if a.want > MaxMessage {
-			return nil, fmt.Errorf("message of %d bytes exceeds %d", a.want, MaxMessage)
+			return nil, fmt.Errorf("message of %d bytes exceeds the protocol's %d", a.want, MaxMessage)
 		}
-		rec = rec[4:]
+		rec = rec[prefixSize:]
 	}
 	a.body = append(a.body, rec...)
 	if len(a.body) > a.want {
-		return nil, errors.New("record runs past the declared message length")
+		return nil, fmt.Errorf("%d bytes beyond the declared message length of %d", len(a.body)-a.want, a.want)
 	}
 	if len(a.body) == a.want {
 		if a.body == nil {

@@ -9,12 +9,13 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/klipper-encprint/encprint/helper/contract"
 	"golang.org/x/sys/unix"
 )
 
 // AllSeals are the seals a finished memfd carries: its size and content can
 // no longer change, and no further seal can be added or removed.
-const AllSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE | unix.F_SEAL_SEAL
+const AllSeals = contract.RequiredSeals
 
 // ErrUnavailable means the kernel cannot create a memfd (older than 3.17, or
 // memfd_create is blocked).
@@ -40,7 +41,7 @@ func Create(name string, size int64) (*os.File, error) {
 		f.Close()
 		return nil, fmt.Errorf("sizing the in-memory file to %d bytes: %w", size, err)
 	}
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_GROW|unix.F_SEAL_SHRINK); err != nil {
+	if _, err := unix.FcntlInt(uintptr(fd), contract.FAddSeals, contract.SealGrow|contract.SealShrink); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("sealing the in-memory file's size: %w", err)
 	}
@@ -76,10 +77,10 @@ func Unmap(b []byte) error {
 // checked to contain AllSeals.
 func Seal(f *os.File) (int, error) {
 	fd := int(f.Fd())
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_WRITE|unix.F_SEAL_SEAL); err != nil {
+	if _, err := unix.FcntlInt(uintptr(fd), contract.FAddSeals, contract.SealWrite|contract.SealSeal); err != nil {
 		return 0, fmt.Errorf("sealing the in-memory file: %w", err)
 	}
-	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	seals, err := unix.FcntlInt(uintptr(fd), contract.FGetSeals, 0)
 	if err != nil {
 		return 0, fmt.Errorf("reading the seals back: %w", err)
 	}

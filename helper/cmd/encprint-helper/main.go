@@ -4,6 +4,10 @@
 // operation (proto/PROTOCOL.md): it inspects an encrypted G-code file, or
 // decrypts it into a sealed memfd that it hands back over the socket. It is
 // the only process that reads the printer identity.
+//
+// Exit status: 0 when it answered (a result or an error) or the component
+// closed the socket before a whole request arrived; 1 when the answer could
+// not be sent; 2 for a usage error (no --socket-fd, or not a SEQPACKET socket).
 package main
 
 import (
@@ -19,6 +23,7 @@ import (
 	"time"
 
 	"filippo.io/age"
+	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
 	"github.com/klipper-encprint/encprint/helper/ipc"
 	"github.com/klipper-encprint/encprint/helper/memfd"
@@ -58,69 +63,76 @@ func harden() {
 	unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{Cur: 0, Max: 0})
 }
 
+// now is the clock the policy's time window is checked against. Only tests
+// change it.
+var now = time.Now
+
 func serve(conn *ipc.Conn) error {
 	if err := conn.Send(&ipc.Hello{Type: "hello", Protocol: version.Protocol, Version: version.Version}, -1); err != nil {
 		return err
 	}
-	var req ipc.Request
-	if err := conn.Recv(&req); err != nil {
-		if errors.Is(err, ipc.ErrClosed) {
-			return nil // the component declined (e.g. protocol mismatch)
-		}
-		return conn.Send(fail("bad_request", "malformed request: %v", err), -1)
+	body, err := conn.RecvBody()
+	if errors.Is(err, ipc.ErrClosed) {
+		return nil // the component declined (e.g. protocol mismatch)
+	}
+	if err != nil {
+		return conn.Send(fail(contract.CodeBadRequest, "malformed request: %v", err), -1)
 	}
 	start := time.Now()
-	if req.Type != "request" {
-		return conn.Send(fail("bad_request", "expected a request message, got %q", req.Type), -1)
-	}
-	if req.Protocol != version.Protocol {
-		return conn.Send(fail("protocol_mismatch", "the component speaks protocol %d, this helper (%s) speaks %d: rebuild the helper so both come from the same version",
-			req.Protocol, version.Version, version.Protocol), -1)
+	req, e := ipc.DecodeRequest(body)
+	if e != nil {
+		return conn.Send(e, -1)
 	}
 	switch req.Op {
-	case "inspect":
-		res, e := inspect(&req)
+	case contract.OpInspect:
+		res, e := inspect(req)
 		if e != nil {
 			return conn.Send(e, -1)
 		}
 		return conn.Send(res, -1)
-	case "recipient":
-		ids, e := loadIdentity(req.Identity)
+	case contract.OpRecipient:
+		res, e := recipient(req)
 		if e != nil {
 			return conn.Send(e, -1)
 		}
-		res := &ipc.RecipientResult{Type: "result", Op: "recipient", Others: []string{}}
-		for _, id := range ids {
-			var r string
-			switch id := id.(type) {
-			case *age.X25519Identity:
-				r = id.Recipient().String()
-			case *age.HybridIdentity:
-				r = id.Recipient().String()
-			default:
-				continue
-			}
-			if res.Recipient == "" {
-				res.Recipient = r
-			} else {
-				res.Others = append(res.Others, r)
-			}
-		}
-		if res.Recipient == "" {
-			return conn.Send(fail("identity_error", "the printer identity %s holds no X25519 key", req.Identity), -1)
-		}
 		return conn.Send(res, -1)
-	case "decrypt":
-		f, res, e := decrypt(&req, conn)
+	default: // contract.OpDecrypt: DecodeRequest admits no other op
+		f, res, e := decrypt(req, conn)
 		if e != nil {
 			return conn.Send(e, -1)
 		}
 		defer f.Close()
 		res.ElapsedMS = float64(time.Since(start).Microseconds()) / 1000
 		return conn.Send(res, int(f.Fd()))
-	default:
-		return conn.Send(fail("bad_request", "unknown operation %q (this helper knows inspect, decrypt and recipient)", req.Op), -1)
 	}
+}
+
+func recipient(req *ipc.Request) (*ipc.RecipientResult, *ipc.Error) {
+	ids, e := loadIdentity(req.Identity)
+	if e != nil {
+		return nil, e
+	}
+	res := &ipc.RecipientResult{Type: "result", Op: contract.OpRecipient, Others: []string{}}
+	for _, id := range ids {
+		var r string
+		switch id := id.(type) {
+		case *age.X25519Identity:
+			r = id.Recipient().String()
+		case *age.HybridIdentity:
+			r = id.Recipient().String()
+		default:
+			continue
+		}
+		if res.Recipient == "" {
+			res.Recipient = r
+		} else {
+			res.Others = append(res.Others, r)
+		}
+	}
+	if res.Recipient == "" {
+		return nil, fail(contract.CodeIdentityError, "the printer identity %s holds no X25519 key", req.Identity)
+	}
+	return res, nil
 }
 
 func fail(code, format string, args ...interface{}) *ipc.Error {
@@ -131,75 +143,119 @@ func fail(code, format string, args ...interface{}) *ipc.Error {
 func openInRoot(req *ipc.Request) (*os.File, int64, *ipc.Error) {
 	name := filepath.Base(req.Path)
 	if !filepath.IsAbs(req.Path) || !filepath.IsAbs(req.Root) {
-		return nil, 0, fail("bad_request", "path and root must be absolute")
+		return nil, 0, fail(contract.CodeBadRequest, "path and root must be absolute")
 	}
 	root, err := filepath.EvalSymlinks(req.Root)
 	if err != nil {
-		return nil, 0, fail("not_found", "gcodes folder %s: %v", req.Root, err)
+		return nil, 0, fail(contract.CodeNotFound, "gcodes folder %s: %v", req.Root, err)
 	}
 	real, err := filepath.EvalSymlinks(req.Path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, 0, fail("not_found", "%s does not exist (deleted or renamed since the upload?)", name)
+		return nil, 0, fail(contract.CodeNotFound, "%s does not exist (deleted or renamed since the upload?)", name)
 	}
 	if err != nil {
-		return nil, 0, fail("unreadable", "%s: %v", name, err)
+		return nil, 0, fail(contract.CodeUnreadable, "%s: %v", name, err)
 	}
 	if rel, err := filepath.Rel(root, real); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return nil, 0, fail("outside_root", "%s resolves outside the gcodes folder; only files under %s are printed", req.Path, req.Root)
+		return nil, 0, fail(contract.CodeOutsideRoot, "%s resolves outside the gcodes folder; only files under %s are printed", req.Path, req.Root)
 	}
-	f, err := os.Open(real)
+	// O_NONBLOCK: opening a FIFO must not wait for a writer. The type is
+	// checked on the descriptor itself, then O_NONBLOCK is cleared.
+	fd, err := unix.Open(real, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NOFOLLOW, 0)
+	switch {
+	case errors.Is(err, unix.ENXIO): // a socket, or a device without a driver
+		return nil, 0, fail(contract.CodeNotAFile, "%s is not a regular file (a socket or device); only G-code files are printed", name)
+	case errors.Is(err, unix.ENOENT):
+		return nil, 0, fail(contract.CodeNotFound, "%s does not exist (deleted or renamed since the upload?)", name)
+	case err != nil:
+		return nil, 0, fail(contract.CodeUnreadable, "cannot open %s: %v", name, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, 0, fail(contract.CodeIOError, "%s: %v", name, err)
+	}
+	if kind := fileKind(st.Mode); kind != "" {
+		unix.Close(fd)
+		return nil, 0, fail(contract.CodeNotAFile, "%s is not a regular file (a %s); only G-code files are printed", name, kind)
+	}
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err == nil {
+		_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags&^unix.O_NONBLOCK)
+	}
 	if err != nil {
-		return nil, 0, fail("unreadable", "cannot open %s: %v", name, err)
+		unix.Close(fd)
+		return nil, 0, fail(contract.CodeInternal, "%s: clearing O_NONBLOCK: %v", name, err)
 	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, 0, fail("unreadable", "%s: %v", name, err)
+	return os.NewFile(uintptr(fd), real), st.Size, nil
+}
+
+// fileKind names a mode that is not a regular file, or returns "".
+func fileKind(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		return ""
+	case unix.S_IFDIR:
+		return "directory"
+	case unix.S_IFIFO:
+		return "FIFO"
+	case unix.S_IFSOCK:
+		return "socket"
+	case unix.S_IFCHR:
+		return "character device"
+	case unix.S_IFBLK:
+		return "block device"
 	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, 0, fail("not_a_file", "%s is not a regular file", name)
-	}
-	return f, st.Size(), nil
+	return "special file"
 }
 
 func loadIdentity(path string) ([]age.Identity, *ipc.Error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, fail("identity_error", "cannot read the printer identity %s: %v (create one with `encprint keygen -o %s`)", path, err, path)
+		return nil, fail(contract.CodeIdentityError, "cannot read the printer identity %s: %v (create one with `encprint keygen -o %s`)", path, err, path)
 	}
 	defer f.Close()
 	ids, err := age.ParseIdentities(f)
 	if err != nil {
-		return nil, fail("identity_error", "the printer identity %s is malformed: %v", path, err)
+		return nil, fail(contract.CodeIdentityError, "the printer identity %s is malformed: %v", path, err)
 	}
 	return ids, nil
 }
 
 // classify maps a format error to a protocol error code and sentence.
 func classify(name string, err error) *ipc.Error {
+	var re *encfile.ReadError
 	var he *encfile.HeaderError
 	var se *encfile.StanzaError
 	var ce *encfile.ChunkError
+	var we *encfile.WindowError
 	switch {
+	case errors.As(err, &re):
+		return fail(contract.CodeIOError, "%s: %v; the storage may be failing (see dmesg): try again, or copy the file anew", name, err)
 	case errors.Is(err, encfile.ErrNotEncrypted):
-		return fail("not_encrypted", "%s is not an encrypted G-code file", name)
+		return fail(contract.CodeNotEncrypted, "%s is not an encrypted G-code file", name)
 	case errors.As(err, &se) && se.Unsupported:
-		return fail("unsupported_version", "%s: %v", name, err)
+		return fail(contract.CodeUnsupportedVersion, "%s: %v", name, err)
 	case errors.Is(err, encfile.ErrArmored), errors.As(err, &he), errors.As(err, &se):
-		return fail("malformed_header", "%s: %v", name, err)
+		return fail(contract.CodeMalformedHeader, "%s: %v", name, err)
 	case errors.Is(err, encfile.ErrWrongIdentity):
-		return fail("wrong_identity", "%s was encrypted for other printers, not this one: ask its sender to encrypt it for this printer's recipient", name)
+		return fail(contract.CodeWrongIdentity, "%s was encrypted for other printers, not this one: ask its sender to encrypt it for this printer's recipient", name)
 	case errors.Is(err, encfile.ErrHeaderAuth):
-		return fail("header_auth_failed", "%s: its header or metadata was altered after encryption, or the file is damaged; get a fresh copy from the sender", name)
+		return fail(contract.CodeHeaderAuthFailed, "%s: its header or metadata was altered after encryption, or the file is damaged; get a fresh copy from the sender", name)
 	case errors.As(err, &ce):
-		return fail("payload_corrupt", "%s: %v; get a fresh copy from the sender", name, err)
+		return fail(contract.CodePayloadCorrupt, "%s: %v; get a fresh copy from the sender", name, err)
 	case errors.Is(err, encfile.ErrPayloadEnd):
-		return fail("truncated", "%s is incomplete or has extra bytes at its end (interrupted upload?); upload it again", name)
+		return fail(contract.CodeTruncated, "%s is incomplete or has extra bytes at its end (interrupted upload?); upload it again", name)
 	case errors.Is(err, encfile.ErrSizeMismatch), errors.Is(err, encfile.ErrDigest):
-		return fail("digest_mismatch", "%s: %v", name, err)
+		return fail(contract.CodeDigestMismatch, "%s: %v", name, err)
+	case errors.As(err, &we) && we.Expired:
+		return fail(contract.CodeExpired, "%s expired on %s (the not_after of its policy) and may no longer be printed: ask its sender for a new copy (or, if this printer's clock is wrong, set it)",
+			name, we.Bound.Format("2006-01-02 15:04:05 UTC"))
+	case errors.As(err, &we):
+		return fail(contract.CodeNotYetValid, "%s may not be printed before %s (the not_before of its policy): wait until then, or ask its sender for a copy without that date (or, if this printer's clock is wrong, set it)",
+			name, we.Bound.Format("2006-01-02 15:04:05 UTC"))
 	}
-	return fail("internal", "%s: %v", name, err)
+	return fail(contract.CodeInternal, "%s: %v", name, err)
 }
 
 func publisher(p *encfile.Public) (*string, bool) {
@@ -221,7 +277,7 @@ func inspect(req *ipc.Request) (*ipc.InspectResult, *ipc.Error) {
 	if err != nil {
 		return nil, classify(name, err)
 	}
-	res := &ipc.InspectResult{Type: "result", Op: "inspect", FileID: pub.FileID, Recipients: pub.Recipients,
+	res := &ipc.InspectResult{Type: "result", Op: contract.OpInspect, FileID: pub.FileID, Recipients: pub.Recipients,
 		Metadata: pub.Metadata, Policy: pub.Policy}
 	res.Publisher, res.SignatureValid = publisher(pub)
 	ids, e := loadIdentity(req.Identity)
@@ -230,6 +286,10 @@ func inspect(req *ipc.Request) (*ipc.InspectResult, *ipc.Error) {
 		return res, nil
 	}
 	ef, err := encfile.Open(f, size, ids...)
+	var re *encfile.ReadError
+	if errors.As(err, &re) {
+		return nil, classify(name, err) // the file is unreadable: no listing
+	}
 	if err != nil {
 		e := classify(name, err)
 		res.Reason, res.ReasonCode = e.Message, e.Code
@@ -237,14 +297,20 @@ func inspect(req *ipc.Request) (*ipc.InspectResult, *ipc.Error) {
 	}
 	res.Authenticated = true
 	res.PlaintextSize = ef.PlainSize
+	if err := ef.Public.Policy.CheckWindow(now()); err != nil {
+		e := classify(name, err)
+		res.Reason, res.ReasonCode = e.Message, e.Code
+	}
 	return res, nil
 }
 
-var memfdName = regexp.MustCompile(`^encprint-[0-9a-z]{1,32}$`)
+var memfdName = regexp.MustCompile(contract.MemfdTokenRegex)
 
 func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *ipc.Error) {
 	if !memfdName.MatchString(req.MemfdName) {
-		return nil, nil, fail("bad_request", "memfd_name %q must be encprint- followed by 1-32 of [0-9a-z]", req.MemfdName)
+		e := fail(contract.CodeBadRequest, "memfd_name %q must match %s", req.MemfdName, contract.MemfdTokenRegex)
+		e.Key = "memfd_name"
+		return nil, nil, e
 	}
 	ids, e := loadIdentity(req.Identity)
 	if e != nil {
@@ -260,16 +326,19 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 	if err != nil {
 		return nil, nil, classify(name, err)
 	}
+	if err := ef.Public.Policy.CheckWindow(now()); err != nil {
+		return nil, nil, classify(name, err)
+	}
 	if budget, why := memoryBudget(req.MaxBytes); ef.PlainSize > budget {
-		return nil, nil, fail("too_large", "%s needs %s of memory to print, more than the %s allowed (%s)",
+		return nil, nil, fail(contract.CodeTooLarge, "%s needs %s of memory to print, more than the %s allowed (%s)",
 			name, human(ef.PlainSize), human(budget), why)
 	}
 	mf, err := memfd.Create(req.MemfdName, ef.PlainSize)
 	if err != nil {
 		if errors.Is(err, memfd.ErrUnavailable) {
-			return nil, nil, fail("memfd_unavailable", "%v", err)
+			return nil, nil, fail(contract.CodeMemfdUnavailable, "%v", err)
 		}
-		return nil, nil, fail("internal", "%v", err)
+		return nil, nil, fail(contract.CodeInternal, "%v", err)
 	}
 	lastSent := time.Now()
 	ef.Progress = func(done int64) {
@@ -281,7 +350,7 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 	mapping, err := memfd.Map(mf, ef.PlainSize)
 	if err != nil {
 		mf.Close()
-		return nil, nil, fail("internal", "%v", err)
+		return nil, nil, fail(contract.CodeInternal, "%v", err)
 	}
 	res, err := ef.DecryptInto(mapping, 0)
 	if uerr := memfd.Unmap(mapping); uerr != nil && err == nil {
@@ -294,9 +363,9 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 	seals, err := memfd.Seal(mf)
 	if err != nil {
 		mf.Close()
-		return nil, nil, fail("internal", "%v", err)
+		return nil, nil, fail(contract.CodeInternal, "%v", err)
 	}
-	out := &ipc.DecryptResult{Type: "result", Op: "decrypt", FileID: ef.Public.FileID, Size: res.Size,
+	out := &ipc.DecryptResult{Type: "result", Op: contract.OpDecrypt, FileID: ef.Public.FileID, Size: res.Size,
 		SHA256: res.SHA256[:], Seals: seals, MemfdName: req.MemfdName}
 	out.Publisher, out.SignatureValid = publisher(ef.Public)
 	return mf, out, nil

@@ -251,6 +251,9 @@ func encrypt(args []string) error {
 	if err != nil {
 		return err
 	}
+	if len(recips) == 0 {
+		return errors.New("no recipients: name at least one printer with -r or -R")
+	}
 	opts := encfile.EncryptOptions{Recipients: recips, Policy: &encfile.Policy{MaxPrints: uint32(*maxPrints)}}
 	if opts.Policy.NotBefore, err = parseTime(*notBefore); err != nil {
 		return err
@@ -302,7 +305,7 @@ func encrypt(args []string) error {
 		if *inPlace {
 			outMode = st.Mode().Perm()
 		}
-		head := make([]byte, len(encfile.Magic)+1)
+		head := make([]byte, encfile.SniffSize)
 		n, _ := f.ReadAt(head, 0)
 		if encfile.IsEncrypted(head[:n]) {
 			return fmt.Errorf("%s is already encrypted", in)
@@ -472,8 +475,8 @@ func describePolicy(p *encfile.Policy) string {
 	if len(parts) == 0 {
 		return "no limits"
 	}
-	if ok, why := p.Window(time.Now()); !ok {
-		parts = append(parts, "NOT PRINTABLE NOW: "+why)
+	if err := p.CheckWindow(time.Now()); err != nil {
+		parts = append(parts, "NOT PRINTABLE NOW: "+err.Error())
 	}
 	return strings.Join(parts, ", ")
 }

@@ -95,6 +95,10 @@ const (
 	CodeNotYetValid        = "not_yet_valid"
 	CodeExpired            = "expired"
 	CodeMemfdUnavailable   = "memfd_unavailable"
+	CodeUntrusted          = "untrusted"
+	CodeUsedUp             = "used_up"
+	CodeStateError         = "state_error"
+	CodeInstallError       = "install_error"
 	CodeInternal           = "internal"
 )
 
@@ -104,5 +108,6 @@ func ErrorCodes() []string {
 		CodeNotAFile, CodeUnreadable, CodeIOError, CodeIdentityError, CodeNotEncrypted,
 		CodeMalformedHeader, CodeUnsupportedVersion, CodeWrongIdentity, CodeHeaderAuthFailed,
 		CodePayloadCorrupt, CodeTruncated, CodeTooLarge, CodeDigestMismatch, CodeNotYetValid,
-		CodeExpired, CodeMemfdUnavailable, CodeInternal}
+		CodeExpired, CodeMemfdUnavailable, CodeUntrusted, CodeUsedUp, CodeStateError, CodeInstallError,
+		CodeInternal}
 }

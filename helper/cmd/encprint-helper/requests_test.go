@@ -292,7 +292,7 @@ func runCase(t *testing.T, c *requestCase) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { err := serve(conn); conn.Close(); done <- err }()
+	go func() { err := serve(conn, nil); conn.Close(); done <- err }()
 
 	// Every record is queued before the hello is read, so a helper that
 	// answers early leaves the rest unread (and the client sees ECONNRESET).

@@ -321,3 +321,17 @@ func TestCommitRefusesAnIDThatIsNotHex(t *testing.T) {
 		t.Fatal("recorded a non-hex file id")
 	}
 }
+
+// One Commit: lock, read, write, two fsyncs, rename.
+func BenchmarkCommit(b *testing.B) {
+	dir := b.TempDir()
+	s, _ := Open(dir)
+	defer s.Close()
+	s.Init()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := s.Commit(Decryption{FileID: fileA}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

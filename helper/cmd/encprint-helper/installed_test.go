@@ -48,7 +48,7 @@ type installed struct {
 
 // install builds the helper once, then lays out fresh privileged files with
 // the given policy and the test vectors in a gcodes folder of the printer's.
-func install(t *testing.T, policyJSON string) *installed {
+func install(t testing.TB, policyJSON string) *installed {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to install a set-user-ID helper (CI runs as root)")
@@ -60,9 +60,12 @@ func install(t *testing.T, policyJSON string) *installed {
 		}
 		os.Chmod(built, 0o755)
 		pkg := "github.com/klipper-encprint/encprint/helper/privsep"
-		ld := fmt.Sprintf("-X %s.IdentityPath=%s -X %s.PolicyPath=%s -X %s.StateDir=%s", pkg,
+		// As the Makefile builds it, plus the test's privileged paths.
+		ld := fmt.Sprintf("-s -w -X %s.IdentityPath=%s -X %s.PolicyPath=%s -X %s.StateDir=%s", pkg,
 			filepath.Join(built, "identity"), pkg, filepath.Join(built, "policy.json"), pkg, filepath.Join(built, "state"))
-		out, err := exec.Command("go", "build", "-ldflags", ld, "-o", filepath.Join(built, "encprint-helper"), ".").CombinedOutput()
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags", ld, "-o", filepath.Join(built, "encprint-helper"), ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
@@ -109,7 +112,7 @@ func install(t *testing.T, policyJSON string) *installed {
 	return in
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
@@ -130,7 +133,12 @@ func (a answer) code() string {
 }
 
 // call runs the installed helper as the printer's user for one request.
-func (in *installed) call(t *testing.T, op, path, root string) answer {
+func (in *installed) call(t testing.TB, op, path, root string) answer {
+	return in.run(t, in.helper, op, path, root, in.decoy)
+}
+
+// run runs helper as the printer's user for one request naming identity.
+func (in *installed) run(t testing.TB, helper, op, path, root, identity string) answer {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	must(t, err)
@@ -138,14 +146,14 @@ func (in *installed) call(t *testing.T, op, path, root string) answer {
 	defer unix.Close(client)
 	tv := unix.NsecToTimeval((20 * time.Second).Nanoseconds())
 	unix.SetsockoptTimeval(client, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	cmd := exec.Command(in.helper, "--socket-fd", "3")
+	cmd := exec.Command(helper, "--socket-fd", "3")
 	cmd.ExtraFiles = []*os.File{theirs}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: printerID, Gid: printerID, Groups: []uint32{}}}
 	cmd.Stderr = os.Stderr
 	must(t, cmd.Start())
 	theirs.Close()
 	defer cmd.Wait()
-	req := map[string]interface{}{"type": "request", "protocol": 1, "op": op, "identity": in.decoy}
+	req := map[string]interface{}{"type": "request", "protocol": 1, "op": op, "identity": identity}
 	if op != "recipient" {
 		req["path"], req["root"] = path, root
 	}
@@ -165,7 +173,7 @@ func (in *installed) call(t *testing.T, op, path, root string) answer {
 	return answer{msg, n}
 }
 
-func (in *installed) decrypt(t *testing.T, name string) answer {
+func (in *installed) decrypt(t testing.TB, name string) answer {
 	return in.call(t, "decrypt", filepath.Join(in.gcodes, name), in.gcodes)
 }
 
@@ -310,3 +318,34 @@ func TestInstalledHelperReportsAWrongInstall(t *testing.T) {
 		t.Fatalf("policy owned by the printer's user: %v", a.msg)
 	}
 }
+
+// The cost of the privilege step (ADR-006: at most 5 ms): the same binary,
+// the same file, the same caller, once installed set-user-ID (privileged
+// open, keeper, drop, count) and once as a plain copy naming its identity.
+func benchHelper(b *testing.B, op string, privileged bool) {
+	in := install(b, `{}`)
+	helper, identity := in.helper, in.decoy
+	if !privileged {
+		helper = filepath.Join(in.gcodes, "plain-helper")
+		data, err := os.ReadFile(in.helper)
+		must(b, err)
+		must(b, os.WriteFile(helper, data, 0o755))
+		key, err := os.ReadFile(filepath.Join(vectorDir, "printer.key"))
+		must(b, err)
+		identity = filepath.Join(in.gcodes, "printer.key")
+		must(b, os.WriteFile(identity, key, 0o600))
+		must(b, os.Chown(identity, printerID, printerID))
+	}
+	file := filepath.Join(in.gcodes, "stock-age.gcode") // no print limit
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if a := in.run(b, helper, op, file, in.gcodes, identity); a.code() != "" {
+			b.Fatalf("%s: %v", op, a.msg)
+		}
+	}
+}
+
+func BenchmarkInspectPlain(b *testing.B)     { benchHelper(b, "inspect", false) }
+func BenchmarkInspectInstalled(b *testing.B) { benchHelper(b, "inspect", true) }
+func BenchmarkDecryptPlain(b *testing.B)     { benchHelper(b, "decrypt", false) }
+func BenchmarkDecryptInstalled(b *testing.B) { benchHelper(b, "decrypt", true) }

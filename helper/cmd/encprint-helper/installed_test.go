@@ -349,3 +349,31 @@ func BenchmarkInspectPlain(b *testing.B)     { benchHelper(b, "inspect", false) 
 func BenchmarkInspectInstalled(b *testing.B) { benchHelper(b, "inspect", true) }
 func BenchmarkDecryptPlain(b *testing.B)     { benchHelper(b, "decrypt", false) }
 func BenchmarkDecryptInstalled(b *testing.B) { benchHelper(b, "decrypt", true) }
+
+// The empty state is created by the helper's own user only; never over an
+// existing one; never by the printer's user through the set-user-ID bit.
+func TestInitStateOnlyByTheHelpersUser(t *testing.T) {
+	in := install(t, `{}`)
+	as := func(uid int) (string, error) {
+		cmd := exec.Command(in.helper, "--init-state")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), Groups: []uint32{}}}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := as(helperID); err == nil || !strings.Contains(out, "already exists") {
+		t.Fatalf("init over an existing state: %v %s", err, out)
+	}
+	os.Remove(filepath.Join(in.stateDir, "state"))
+	if out, err := as(printerID); err == nil || !strings.Contains(out, "runs only as the helper's own user") {
+		t.Fatalf("init by the printer's user: %v %s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(in.stateDir, "state")); err == nil {
+		t.Fatal("the printer's user created a state")
+	}
+	if out, err := as(helperID); err != nil {
+		t.Fatalf("init by the helper's user: %v %s", err, out)
+	}
+	if a := in.decrypt(t, "full.enc.gcode"); a.fds != 1 {
+		t.Fatalf("decrypt after init: %v", a.msg)
+	}
+}

@@ -44,9 +44,18 @@ func main() {
 	defer t.close()
 	sockFD := flag.Int("socket-fd", -1, "descriptor of the SOCK_SEQPACKET socket to the component")
 	showVersion := flag.Bool("version", false, "print the version and protocol, then exit")
+	initState := flag.Bool("init-state", false, "create the empty print-count state of an installed helper (run as its own user), then exit")
 	flag.Parse()
 	if *showVersion {
 		fmt.Printf("encprint-helper %s protocol %d\n", version.Version, version.Protocol)
+		return
+	}
+	if *initState {
+		if err := initStateDir(t); err != nil {
+			fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
+			os.Exit(1)
+		}
+		fmt.Printf("created the print-count state in %s\n", privsep.StateDir)
 		return
 	}
 	if *sockFD < 0 {

@@ -142,3 +142,19 @@ func usedUp(name string, limit int) *ipc.Error {
 func stateError(err error) *ipc.Error {
 	return fail(contract.CodeStateError, "%v", err)
 }
+
+// initStateDir creates the empty state of a new install. Only the helper's
+// own user (or root acting as it) may: run set-user-ID by anyone else it
+// refuses, so that nobody else can give a deleted state's prints back.
+func initStateDir(t *trust) error {
+	if t.privileged() || t.err != nil { // it started set-user-ID
+		t.close()
+		return errors.New("--init-state runs only as the helper's own user (sudo -u encprint encprint-helper --init-state)")
+	}
+	s, err := state.Open(privsep.StateDir)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return s.Init()
+}

@@ -357,6 +357,17 @@ class HelperClient:
         self.last_stderr = ""
         self.helper_version = ""
 
+    @property
+    def installed(self) -> bool:
+        """The helper is installed set-user-ID to a user of its own
+        (docs/adr/006-privilege-boundary.md): it reads its own identity,
+        policy and print counts, and ignores identity_path."""
+        try:
+            st = os.stat(self.helper_path)
+        except OSError:
+            return False
+        return bool(st.st_mode & stat.S_ISUID) and st.st_uid != os.geteuid()
+
     async def version(self) -> Tuple[int, str]:
         """The helper's protocol and build version, from its hello."""
         hello, _ = await self._run(None, None, self.hello_timeout)
@@ -608,7 +619,9 @@ class Diagnostics:
                      "virtualenv; run `~/moonraker-env/bin/pip install msgpack` "
                      "(install.sh does this)")
             return
-        self.set("identity", self._identity_problem())
+        # An installed helper's identity is not Moonraker's to check: its
+        # problems come back from the recipient request below.
+        self.set("identity", None if self.client.installed else self._identity_problem())
         try:
             await self.client.version()
             self.set("helper", None)
@@ -1215,8 +1228,9 @@ class EncryptedPrint:
         return {
             "helper": {"path": self.helper_path, "version": self.client.helper_version,
                        "protocol": PROTOCOL_VERSION, "ok": "helper" not in diag.problems},
-            "identity": {"path": self.client.identity_path,
-                         "ok": "identity" not in diag.problems},
+            # No paths of secrets here: anyone with the UI reads this.
+            "identity": {"ok": "identity" not in diag.problems,
+                         "protected": self.client.installed},
             "recipient": diag.recipient,
             "bridge_loaded": diag.bridge_loaded,
             "ready": self.ready,

@@ -1,11 +1,12 @@
 """Issue 13: what a web-UI user gets, using nothing but Moonraker's HTTP API,
-on a printer whose Klipper and Moonraker run as an unprivileged user.
+on a printer whose Klipper and Moonraker run as an unprivileged user and
+whose helper is installed set-user-ID to a user of its own
+(docs/adr/006-privilege-boundary.md), as root sets it up.
 
-Each test is one attack of the issue. They were written before the fix
-(docs/adr/006-privilege-boundary.md) and fail on the code that keeps the
-key, the counts and the policy with the printer's user; they are marked
-xfail(strict) until the helper's privilege boundary is wired in, and then
-must pass."""
+Each test is one attack of the issue. They were written before the fix and
+failed on the code that kept the key, the counts and the policy with the
+printer's user (run them with ENCPRINT_TRUST_LEGACY=1 to see that layout
+fail them)."""
 from __future__ import annotations
 
 import os
@@ -20,27 +21,68 @@ import urllib.request
 import pytest
 from conftest import Keys
 from gcodegen import sample_gcode
-from stack import HTTPError, Stack, wait_for
+from stack import ROOT, HTTPError, Stack, wait_for
 
-PRINTER_UID = 65534  # the printer's user when the suite runs as root
-AS_PRINTER = [] if os.geteuid() != 0 else [
-    "setpriv", f"--reuid={PRINTER_UID}", f"--regid={PRINTER_UID}", "--clear-groups"]
+PRINTER_UID = 65534  # the printer's user (the suite runs as root in CI)
+HELPER_UID = 64551   # the helper's own user; ids need no passwd entries
 KEY_RE = re.compile(r"AGE-SECRET-KEY-1[0-9A-Z]+")
+LEGACY = os.environ.get("ENCPRINT_TRUST_LEGACY") == "1"  # the layout before ADR-006
+PRIVSEP = "github.com/klipper-encprint/encprint/helper/privsep"
 
-NOT_WIRED = pytest.mark.xfail(
-    strict=True, reason="issue 13 phase 2: the helper's privilege boundary (ADR-006) "
-    "is built (helper/privsep, helper/state, helper/policy) but not wired in yet")
+
+def as_user(uid: int) -> list:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+AS_PRINTER = as_user(PRINTER_UID)
+
+
+class InstalledHelper:
+    """The helper as root installs it: built with its privileged paths in
+    system/ (root-owned), set-user-ID and set-group-ID to HELPER_UID, its own
+    identity (0600), a root-owned policy, and the state created by
+    `--init-state` run as the helper's user."""
+
+    def __init__(self, binaries: pathlib.Path, system: pathlib.Path, policy: str) -> None:
+        system.mkdir(mode=0o755)
+        self.bin, self.helper = binaries, system / "encprint-helper"
+        self.identity, self.policy, self.state = (system / "identity", system / "policy.json",
+                                                  system / "state")
+        ld = (f"-s -w -X {PRIVSEP}.IdentityPath={self.identity} "
+              f"-X {PRIVSEP}.PolicyPath={self.policy} -X {PRIVSEP}.StateDir={self.state}")
+        subprocess.run(["go", "build", "-trimpath", "-ldflags", ld, "-o", str(self.helper),
+                        "./helper/cmd/encprint-helper"], cwd=ROOT, check=True,
+                       env={**os.environ, "CGO_ENABLED": "0"})
+        os.chown(self.helper, HELPER_UID, HELPER_UID)
+        self.helper.chmod(0o6755)
+        self.recipient = subprocess.run([str(binaries / "encprint"), "keygen", "-o",
+                                         str(self.identity)], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        os.chown(self.identity, HELPER_UID, HELPER_UID)
+        self.identity.chmod(0o600)
+        self.policy.write_text(policy)
+        self.policy.chmod(0o644)
+        self.state.mkdir(mode=0o700)
+        os.chown(self.state, HELPER_UID, HELPER_UID)
+        subprocess.run(as_user(HELPER_UID) + [str(self.helper), "--init-state"], check=True,
+                       capture_output=True)
+
+    def encrypt(self, plain: bytes, *flags: str) -> bytes:
+        keys = Keys.__new__(Keys)
+        keys.bin, keys.recipient = self.bin, self.recipient
+        return keys.encrypt(plain, *flags)
 
 
 class PrinterStack(Stack):
     """The component's stack with printer.cfg and the logs where Moonraker
     serves them (config and logs roots), run as the printer's user."""
 
-    def __init__(self, base: pathlib.Path, keys: Keys, moonraker_extra: str = "") -> None:
+    def __init__(self, base: pathlib.Path, keys, helper: pathlib.Path,
+                 moonraker_extra: str = "") -> None:
         self.keys = keys
         super().__init__(
             base / "stack", printer_cfg="[encrypted_file_bridge]\n",
-            moonraker_cfg=(f"[encrypted_print]\nhelper: {keys.bin / 'encprint-helper'}\n"
+            moonraker_cfg=(f"[encrypted_print]\nhelper: {helper}\n"
                            f"identity: {keys.identity}\n" + moonraker_extra))
         self.base = base
         for sub in ("config", "logs", "gcodes", "database", "tmp"):
@@ -54,9 +96,9 @@ class PrinterStack(Stack):
         self.klippy.prefix, self.klippy.env = AS_PRINTER, env
         self.moonraker.prefix = AS_PRINTER
         self.moonraker_env = env
-        if AS_PRINTER:
-            subprocess.run(["chown", "-R", f"{PRINTER_UID}:{PRINTER_UID}", str(base)],
-                           check=True)
+        (base / "home").mkdir(exist_ok=True)
+        subprocess.run(["chown", "-R", f"{PRINTER_UID}:{PRINTER_UID}", str(self.root),
+                        str(base / "home")], check=True)
 
     def start(self, env=None) -> PrinterStack:
         super().start(self.moonraker_env)
@@ -130,13 +172,20 @@ class PrinterStack(Stack):
 
 @pytest.fixture
 def make_printer(request, binaries):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create the printer's and the helper's users (CI runs as root)")
     made = []
 
-    def make(moonraker_extra: str = "") -> PrinterStack:
+    def make(moonraker_extra: str = "", policy: str = "{}") -> PrinterStack:
         base = pathlib.Path(tempfile.mkdtemp(prefix="encprint-trust-"))
         base.chmod(0o755)
-        keys = Keys(binaries, base / "home" / ".config" / "encprint")
-        st = PrinterStack(base, keys, moonraker_extra)
+        if LEGACY:
+            keys = Keys(binaries, base / "home" / ".config" / "encprint")
+            helper = binaries / "encprint-helper"
+        else:
+            keys = InstalledHelper(binaries, base / "system", policy)
+            helper = keys.helper
+        st = PrinterStack(base, keys, helper, moonraker_extra)
         request.node._encprint_stack = st
         made.append(st)
         return st.start()
@@ -148,7 +197,6 @@ def make_printer(request, binaries):
 
 
 # (1) [include <identity>] in printer.cfg, then RESTART.
-@NOT_WIRED
 def test_including_the_key_in_printer_cfg_shows_it_nowhere(make_printer):
     st = make_printer()
     secret, cfg = st.secret(), st.download("config", "printer.cfg")
@@ -163,7 +211,6 @@ def test_including_the_key_in_printer_cfg_shows_it_nowhere(make_printer):
 
 
 # (2) A macro escapes Klipper's template and runs shell commands.
-@NOT_WIRED
 def test_a_macro_escaping_its_template_reads_no_key(make_printer):
     st = make_printer()
     cfg = st.download("config", "printer.cfg")
@@ -182,7 +229,6 @@ def test_a_macro_escaping_its_template_reads_no_key(make_printer):
 
 
 # (3) Database backup, print, restore: the count must not come back.
-@NOT_WIRED
 def test_restoring_a_database_backup_gives_no_print_back(make_printer):
     st = make_printer()
     st.ui.upload("once.gcode", st.keys.encrypt(sample_gcode(layers=2), "--max-prints", "1"))
@@ -204,14 +250,14 @@ def test_restoring_a_database_backup_gives_no_print_back(make_printer):
 
 
 # (4) moonraker.conf edited through the file API to loosen the policy.
-@NOT_WIRED
 def test_a_loosened_moonraker_conf_does_not_loosen_the_policy(make_printer, binaries, tmp_path):
     def sign_keygen(path: pathlib.Path) -> str:
         return subprocess.run([str(binaries / "encprint"), "sign-keygen", "-o", str(path)],
                               capture_output=True, text=True, check=True).stdout.strip()
     pub_key, mine_key = tmp_path / "pub.key", tmp_path / "mine.key"
     pub, mine = sign_keygen(pub_key), sign_keygen(mine_key)
-    st = make_printer(f"require_signature: True\ntrusted_publishers:\n  {pub}\n")
+    st = make_printer(f"require_signature: True\ntrusted_publishers:\n  {pub}\n",
+                      policy=f'{{"require_signature": true, "trusted_publishers": ["{pub}"]}}')
     conf = st.download("config", "moonraker.conf")
     g = sample_gcode(layers=2)
     st.ui.upload("unsigned.gcode", st.keys.encrypt(g))

@@ -378,6 +378,12 @@ class HelperClient:
         res, _ = await self._run(self._request("recipient"), None, self.inspect_timeout)
         return str(res["recipient"])
 
+    async def records(self) -> List[Dict[str, Any]]:
+        """The installed helper's record of every decryption, oldest first
+        (empty for a helper that is not installed set-user-ID)."""
+        res, _ = await self._run(self._request("records"), None, self.inspect_timeout)
+        return [dict(r) for r in res.get("records") or []]
+
     async def inspect(self, path: str, root: str) -> Dict[str, Any]:
         res, _ = await self._run(self._request("inspect", path, root), None,
                                  self.inspect_timeout)
@@ -405,7 +411,8 @@ class HelperClient:
         req: Dict[str, Any] = {"type": "request", "protocol": PROTOCOL_VERSION, "op": op}
         if path:
             req.update(path=os.path.abspath(path), root=os.path.abspath(root))
-        req["identity"] = self.identity_path
+        if op != "records":
+            req["identity"] = self.identity_path
         return req
 
     async def _run(self, request: Optional[Dict[str, Any]],
@@ -1250,7 +1257,16 @@ class EncryptedPrint:
         return {"recipient": self.diagnostics.recipient}
 
     async def _handle_jobs(self, web_request: WebRequest) -> Dict[str, Any]:
-        return {"jobs": await self.records.newest_first()}
+        """Moonraker's view of each encrypted job (file, user, result), and
+        with an installed helper its own record of every decryption, newest
+        first: that one no database restore changes."""
+        out: Dict[str, Any] = {"jobs": await self.records.newest_first()}
+        if self.client.installed:
+            try:
+                out["decryptions"] = list(reversed(await self.client.records()))
+            except HelperError as e:
+                raise self.server.error(e.message, 503) from None
+        return out
 
 
 def load_component(config: ConfigHelper) -> EncryptedPrint:

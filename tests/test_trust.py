@@ -247,6 +247,11 @@ def test_restoring_a_database_backup_gives_no_print_back(make_printer):
     st.wait_component()
     time.sleep(1)
     assert "only once" in st.refused("once.gcode")
+    # The helper's own record is untouched by the restore: one decryption,
+    # by the printer's user, through Moonraker.
+    recs = st.ui.get("/server/encrypted_print/jobs")["result"]["decryptions"]
+    assert [(r["count"], r["max_prints"], r["uid"], r["pid"]) for r in recs] == [
+        (1, 1, PRINTER_UID, st.moonraker.pid)], recs
 
 
 # (4) moonraker.conf edited through the file API to loosen the policy.

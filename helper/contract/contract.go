@@ -55,6 +55,7 @@ const (
 	OpInspect   = "inspect"
 	OpDecrypt   = "decrypt"
 	OpRecipient = "recipient"
+	OpRecords   = "records"
 )
 
 // Required returns the keys a request for op must carry (nil for an unknown op).
@@ -66,12 +67,14 @@ func Required(op string) []string {
 		return []string{"type", "protocol", "op", "path", "root", "identity", "max_bytes", "memfd_name"}
 	case OpRecipient:
 		return []string{"type", "protocol", "op", "identity"}
+	case OpRecords:
+		return []string{"type", "protocol", "op"}
 	}
 	return nil
 }
 
 // Ops lists the operations in contract.json's order.
-func Ops() []string { return []string{OpInspect, OpDecrypt, OpRecipient} }
+func Ops() []string { return []string{OpInspect, OpDecrypt, OpRecipient, OpRecords} }
 
 // Error codes the helper sends (proto/PROTOCOL.md, "error").
 const (

@@ -204,6 +204,10 @@ func TestInstalledHelperCountsEveryDecryptionAndRecordsWho(t *testing.T) {
 	if ins.msg["reason_code"] != "used_up" {
 		t.Fatalf("inspect of a used-up file: %v", ins.msg)
 	}
+	rec := in.call(t, "records", "", "")
+	if rec.msg["installed"] != true || len(rec.msg["records"].([]interface{})) != 3 {
+		t.Fatalf("records op: %v", rec.msg)
+	}
 	st := in.records(t)
 	if st.Used(fullID) != 3 || len(st.Records) != 3 {
 		t.Fatalf("state after 3 prints: %+v", st)

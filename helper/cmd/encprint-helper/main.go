@@ -114,6 +114,12 @@ func serve(conn *ipc.Conn, t *trust) error {
 			return conn.Send(e, -1)
 		}
 		return conn.Send(res, -1)
+	case contract.OpRecords:
+		res, e := t.records()
+		if e != nil {
+			return conn.Send(e, -1)
+		}
+		return conn.Send(res, -1)
 	default: // contract.OpDecrypt: DecodeRequest admits no other op
 		f, res, e := decrypt(req, conn, t)
 		if e != nil {

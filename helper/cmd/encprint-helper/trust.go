@@ -158,3 +158,21 @@ func initStateDir(t *trust) error {
 	defer s.Close()
 	return s.Init()
 }
+
+// records is the installed helper's record of every decryption.
+func (t *trust) records() (*ipc.RecordsResult, *ipc.Error) {
+	res := &ipc.RecordsResult{Type: "result", Op: contract.OpRecords, Records: []ipc.Record{}}
+	if !t.privileged() {
+		return res, nil
+	}
+	recs, err := t.priv.Keeper.Records()
+	if err != nil {
+		return nil, stateError(err)
+	}
+	res.Installed = true
+	for _, r := range recs {
+		res.Records = append(res.Records, ipc.Record{FileID: r.FileID, Publisher: r.Publisher, Time: r.Time,
+			PID: r.PID, UID: r.UID, MaxPrints: r.MaxPrints, Count: r.CountAfter})
+	}
+	return res, nil
+}

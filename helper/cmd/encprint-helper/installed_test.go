@@ -4,6 +4,7 @@ package main
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -379,5 +380,70 @@ func TestInitStateOnlyByTheHelpersUser(t *testing.T) {
 	}
 	if a := in.decrypt(t, "full.enc.gcode"); a.fds != 1 {
 		t.Fatalf("decrypt after init: %v", a.msg)
+	}
+}
+
+// SIGKILL after the helper recorded a decryption and before the descriptor
+// left: the count stays used and no descriptor arrives. The helper is held
+// in that window by filling its socket's send buffer (through a duplicate of
+// its end) after its hello, so its final send blocks.
+func TestInstalledHelperKilledBeforeSendingStaysCounted(t *testing.T) {
+	in := install(t, `{}`)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	must(t, err)
+	client, theirs := fds[0], os.NewFile(uintptr(fds[1]), "helper-socket")
+	defer unix.Close(client)
+	defer theirs.Close()
+	cmd := exec.Command(in.helper, "--socket-fd", "3")
+	cmd.ExtraFiles = []*os.File{theirs}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: printerID, Gid: printerID, Groups: []uint32{}}}
+	must(t, cmd.Start())
+	defer cmd.Wait()
+	defer cmd.Process.Kill() // a helper blocked in its send does not end by itself
+	if hello, _ := recvMessage(t, client); hello["type"] != "hello" {
+		t.Fatalf("first message %v", hello)
+	}
+	junk := make([]byte, 4096)
+	for n := 0; ; n++ {
+		if err := unix.Sendmsg(int(theirs.Fd()), junk, nil, nil, unix.MSG_DONTWAIT); err != nil {
+			if n == 0 || !errors.Is(err, unix.EAGAIN) {
+				t.Fatalf("filling the helper's send buffer after %d records: %v", n, err)
+			}
+			break
+		}
+	}
+	body := encodeBody(t, map[string]interface{}{"type": "request", "protocol": 1, "op": "decrypt",
+		"path": filepath.Join(in.gcodes, "full.enc.gcode"), "root": in.gcodes, "identity": in.decoy,
+		"max_bytes": 0, "memfd_name": "encprint-killed"})
+	must(t, unix.Sendmsg(client, append(binary.BigEndian.AppendUint32(nil, uint32(len(body))), body...), nil, nil, 0))
+	deadline := time.Now().Add(20 * time.Second)
+	for in.records(t).Used(fullID) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the helper never recorded the decryption")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if err := cmd.Process.Signal(syscall.Signal(0)); err != nil {
+		t.Fatalf("the helper exited instead of blocking in its send: %v", err)
+	}
+	must(t, cmd.Process.Signal(syscall.SIGKILL))
+	cmd.Wait()
+	// Everything queued for the client is the junk; no descriptor.
+	buf, oob := make([]byte, 65536), make([]byte, unix.CmsgSpace(4))
+	for {
+		n, oobn, _, _, err := unix.Recvmsg(client, buf, oob, unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+		if err != nil || n == 0 {
+			break
+		}
+		if oobn > 0 || n != len(junk) {
+			t.Fatalf("the killed helper sent a %d-byte record with %d bytes of control data", n, oobn)
+		}
+	}
+	if st := in.records(t); st.Used(fullID) != 1 || len(st.Records) != 1 {
+		t.Fatalf("after SIGKILL: %+v", st)
+	}
+	if a := in.decrypt(t, "full.enc.gcode"); a.fds != 1 || in.records(t).Used(fullID) != 2 {
+		t.Fatalf("the next decrypt: %v", a.msg)
 	}
 }

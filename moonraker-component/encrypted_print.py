@@ -75,6 +75,12 @@ CLIENT_ERROR_CODES = ("helper_missing", "helper_timeout", "helper_protocol",
 ALL_SEALS = REQUIRED_SEALS  # the name the tests and benchmarks know
 
 # -- this component's own names ------------------------------------------------
+EXPOSED_WARNING = (
+    "the printer identity is a file of Moonraker's user, so anyone who can edit "
+    "printer.cfg or run a macro (by default anyone on the network with the web UI) "
+    "can read the key and decrypt every file sent to this printer, and print counts "
+    "and trust settings can be rolled back. Fix: install the helper set-user-ID to "
+    "its own user (docs/install.md, 'The installed helper')")
 COUNTS_NAMESPACE = "encrypted_print"     # print counts per file id
 JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
 DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
@@ -603,6 +609,7 @@ class Diagnostics:
         self.problems: Dict[str, str] = {}
         self.bridge_loaded = False
         self.recipient = ""
+        self.key_exposed = False
 
     def set(self, key: str, msg: Optional[str]) -> None:
         warn_id = f"encrypted_print_{key}"
@@ -629,6 +636,7 @@ class Diagnostics:
         # An installed helper's identity is not Moonraker's to check: its
         # problems come back from the recipient request below.
         self.set("identity", None if self.client.installed else self._identity_problem())
+        self.warn_exposure()
         try:
             await self.client.version()
             self.set("helper", None)
@@ -647,6 +655,14 @@ class Diagnostics:
         if getattr(mdst, "enable_object_proc", False):
             self.set("object_processing", "[file_manager] enable_object_processing "
                      "is on: it cannot process encrypted files; turn it off")
+
+    def warn_exposure(self) -> None:
+        """Without the installed helper the key, the counts and the policy
+        belong to Moonraker's user: say so, persistently (not blocking)."""
+        self.key_exposed = not self.client.installed
+        if self.key_exposed:
+            self.server.add_warning(f"[encrypted_print]: {EXPOSED_WARNING}",
+                                    "encrypted_print_exposed")
 
     def _identity_problem(self) -> Optional[str]:
         path = self.client.identity_path
@@ -1237,7 +1253,7 @@ class EncryptedPrint:
                        "protocol": PROTOCOL_VERSION, "ok": "helper" not in diag.problems},
             # No paths of secrets here: anyone with the UI reads this.
             "identity": {"ok": "identity" not in diag.problems,
-                         "protected": self.client.installed},
+                         "protected": not diag.key_exposed},
             "recipient": diag.recipient,
             "bridge_loaded": diag.bridge_loaded,
             "ready": self.ready,

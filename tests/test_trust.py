@@ -105,6 +105,9 @@ class PrinterStack(Stack):
         self.wait_component()
         return self
 
+    def warnings(self) -> list:
+        return self.ui.get("/server/info")["result"]["warnings"]
+
     def wait_component(self) -> None:
         def ready() -> bool:
             try:
@@ -199,6 +202,9 @@ def make_printer(request, binaries):
 # (1) [include <identity>] in printer.cfg, then RESTART.
 def test_including_the_key_in_printer_cfg_shows_it_nowhere(make_printer):
     st = make_printer()
+    status = st.ui.get("/server/encrypted_print/status")["result"]
+    assert status["identity"]["protected"] is not LEGACY and "path" not in status["identity"]
+    assert any("can read the key" in w for w in st.warnings()) is LEGACY
     secret, cfg = st.secret(), st.download("config", "printer.cfg")
     for path in st.identity_paths():
         st.edit("printer.cfg", f"[include {path}]\n" + cfg)

@@ -296,3 +296,23 @@ def test_without_go_or_a_release_the_error_names_the_remedy(home):
     assert "release tag 'none'" in res.stderr
     assert f"run: {home.repo}/install.sh" in res.stderr
     home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")
+
+
+def test_passwordless_sudo_is_named_once_with_the_remedy(home):
+    # A fake sudo that only answers `sudo -n true` (real sudoers rules cannot
+    # be set up on a shared test host); install.sh asks nothing else of it
+    # with --no-restart.
+    shim = home.base / "fakesudo"
+    shim.mkdir(exist_ok=True)
+    (shim / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && [ "$2" = true ] && exit 0\nexit 1\n')
+    (shim / "sudo").chmod(0o755)
+    shim.chmod(0o755)
+    try:
+        res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True,
+                       env={"PATH": f"{shim}:{os.environ['PATH']}"})
+        assert res.stdout.count("can use sudo without a password") == 1, res.stdout
+        assert "is root on this printer" in res.stdout and "NOPASSWD" in res.stdout
+        res = home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
+        assert "without a password" not in res.stdout
+    finally:
+        home.run("bash", str(home.repo / "uninstall.sh"), "--no-restart")

@@ -228,9 +228,10 @@ def test_update_to_a_new_protocol_refuses_with_the_command_then_reinstall_fixes(
     # The update manager pulls a commit whose component and helper speak
     # protocol 2; it does not rebuild the helper.
     comp = home.repo / "moonraker-component/encrypted_print.py"
-    ver = home.repo / "helper/version/version.go"
+    ver = home.repo / "helper/contract/contract.go"
     for path, old, new in ((comp, "PROTOCOL_VERSION = 1", "PROTOCOL_VERSION = 2"),
-                           (ver, "const Protocol = 1", "const Protocol = 2")):
+                           (ver, "const ProtocolVersion = 1", "const ProtocolVersion = 2")):
+        assert old in path.read_text(), f"{path} no longer says {old!r}"
         path.write_text(path.read_text().replace(old, new))
     home.run("git", "-C", str(home.repo), "commit", "-qam", "protocol 2", check=True)
     k, m, ui = start_installed(home)

@@ -46,6 +46,7 @@ demo: setup build
 bench: setup build
 	$(PY) bench/decrypt.py $(if $(SIZES),--sizes $(SIZES),)
 	$(PY) bench/start_latency.py
+	if [ "$$(id -u)" = 0 ]; then $(PY) bench/privsep.py; else echo "bench/privsep.py needs root (it installs a set-user-ID helper copy)"; fi
 	$(GO) test -run '^$$' -bench Decrypt256MiB -benchmem -count 3 ./helper/encfile
 
 ## dist: release binaries for every supported platform, with SHA256SUMS.

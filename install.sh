@@ -71,6 +71,19 @@ check_user() {
     fi
 }
 
+check_sudo() {  # say once what passwordless sudo means for this printer
+    local me
+    me=$(id -un 2>/dev/null || id -u)
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        step "Note: $me can use sudo without a password"
+        info "Klipper's macro templates run code as $me, so anyone who can add a macro"
+        info "(by default anyone on the network with the web UI) is root on this printer."
+        info "To require a password: remove the NOPASSWD rule for $me (sudo visudo -f"
+        info "/etc/sudoers.d/010_pi-nopasswd on Raspberry Pi OS) and set one with passwd."
+        info "Moonraker's update manager then asks for the sudo password in the UI."
+    fi
+}
+
 check_layout() {
     step "Checking the installation"
     [ -d "$KLIPPER/klippy" ] || die "no Klipper checkout at $KLIPPER (expected $KLIPPER/klippy); use --klipper DIR"
@@ -253,6 +266,7 @@ restart_services() {
 main() {
     parse_args "$@"
     check_user
+    check_sudo
     check_layout
     link_plugins
     install_requirements

@@ -80,6 +80,12 @@ CLIENT_ERROR_CODES = ("helper_missing", "helper_timeout", "helper_protocol",
 ALL_SEALS = REQUIRED_SEALS  # the name the tests and benchmarks know
 
 # -- this component's own names ------------------------------------------------
+EXPOSED_WARNING = (
+    "the printer identity is a file of Moonraker's user, so anyone who can edit "
+    "printer.cfg or run a macro (by default anyone on the network with the web UI) "
+    "can read the key and decrypt every file sent to this printer, and print counts "
+    "and trust settings can be rolled back. Fix: install the helper set-user-ID to "
+    "its own user (docs/install.md, 'The installed helper')")
 COUNTS_NAMESPACE = "encrypted_print"     # print counts per file id
 JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
 DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
@@ -401,6 +407,17 @@ class HelperClient:
         self.last_stderr = ""
         self.helper_version = ""
 
+    @property
+    def installed(self) -> bool:
+        """The helper is installed set-user-ID to a user of its own
+        (docs/adr/007-privilege-boundary.md): it reads its own identity,
+        policy and print counts, and ignores identity_path."""
+        try:
+            st = os.stat(self.helper_path)
+        except OSError:
+            return False
+        return bool(st.st_mode & stat.S_ISUID) and st.st_uid != os.geteuid()
+
     async def version(self) -> Tuple[int, str]:
         """The helper's protocol and build version, from its hello."""
         hello, _ = await self._run(None, None, self.hello_timeout)
@@ -410,6 +427,12 @@ class HelperClient:
         """The printer's public recipient; only the helper reads the identity."""
         res, _ = await self._run(self._request("recipient"), None, self.inspect_timeout)
         return str(res["recipient"])
+
+    async def records(self) -> List[Dict[str, Any]]:
+        """The installed helper's record of every decryption, oldest first
+        (empty for a helper that is not installed set-user-ID)."""
+        res, _ = await self._run(self._request("records"), None, self.inspect_timeout)
+        return [dict(r) for r in res.get("records") or []]
 
     async def inspect(self, path: str, root: str) -> Dict[str, Any]:
         res, _ = await self._run(self._request("inspect", path, root), None,
@@ -438,7 +461,8 @@ class HelperClient:
         req: Dict[str, Any] = {"type": "request", "protocol": PROTOCOL_VERSION, "op": op}
         if path:
             req.update(path=os.path.abspath(path), root=os.path.abspath(root))
-        req["identity"] = self.identity_path
+        if op != "records":
+            req["identity"] = self.identity_path
         return req
 
     async def _run(self, request: Optional[Dict[str, Any]],
@@ -629,6 +653,7 @@ class Diagnostics:
         self.problems: Dict[str, str] = {}
         self.bridge_loaded = False
         self.recipient = ""
+        self.key_exposed = False
 
     def set(self, key: str, msg: Optional[str]) -> None:
         warn_id = f"encrypted_print_{key}"
@@ -652,7 +677,10 @@ class Diagnostics:
                      "virtualenv; run `~/moonraker-env/bin/pip install msgpack` "
                      "(install.sh does this)")
             return
-        self.set("identity", self._identity_problem())
+        # An installed helper's identity is not Moonraker's to check: its
+        # problems come back from the recipient request below.
+        self.set("identity", None if self.client.installed else self._identity_problem())
+        self.warn_exposure()
         try:
             await self.client.version()
             self.set("helper", None)
@@ -671,6 +699,14 @@ class Diagnostics:
         if getattr(mdst, "enable_object_proc", False):
             self.set("object_processing", "[file_manager] enable_object_processing "
                      "is on: it cannot process encrypted files; turn it off")
+
+    def warn_exposure(self) -> None:
+        """Without the installed helper the key, the counts and the policy
+        belong to Moonraker's user: say so, persistently (not blocking)."""
+        self.key_exposed = not self.client.installed
+        if self.key_exposed:
+            self.server.add_warning(f"[encrypted_print]: {EXPOSED_WARNING}",
+                                    "encrypted_print_exposed")
 
     def _identity_problem(self) -> Optional[str]:
         path = self.client.identity_path
@@ -1411,8 +1447,9 @@ class EncryptedPrint:
         return {
             "helper": {"path": self.helper_path, "version": self.client.helper_version,
                        "protocol": PROTOCOL_VERSION, "ok": "helper" not in diag.problems},
-            "identity": {"path": self.client.identity_path,
-                         "ok": "identity" not in diag.problems},
+            # No paths of secrets here: anyone with the UI reads this.
+            "identity": {"ok": "identity" not in diag.problems,
+                         "protected": not diag.key_exposed},
             "recipient": diag.recipient,
             "bridge_loaded": diag.bridge_loaded,
             "ready": self.ready,
@@ -1432,7 +1469,16 @@ class EncryptedPrint:
         return {"recipient": self.diagnostics.recipient}
 
     async def _handle_jobs(self, web_request: WebRequest) -> Dict[str, Any]:
-        return {"jobs": await self.records.newest_first()}
+        """Moonraker's view of each encrypted job (file, user, result), and
+        with an installed helper its own record of every decryption, newest
+        first: that one no database restore changes."""
+        out: Dict[str, Any] = {"jobs": await self.records.newest_first()}
+        if self.client.installed:
+            try:
+                out["decryptions"] = list(reversed(await self.client.records()))
+            except HelperError as e:
+                raise self.server.error(e.message, 503) from None
+        return out
 
 
 def load_component(config: ConfigHelper) -> EncryptedPrint:

@@ -291,6 +291,11 @@ def test_status_and_recipient_endpoints(stack):
     status = stack.ui.get("/server/encrypted_print/status")["result"]
     assert status["bridge_loaded"] is True and status["problems"] == {}
     assert status["helper"]["ok"] and status["identity"]["ok"]
+    # Not installed set-user-ID: the key is exposed, and the UI says so.
+    assert status["identity"]["protected"] is False
+    warnings = stack.ui.get("/server/info")["result"]["warnings"]
+    assert any("can read the key and decrypt every file" in w and "docs/install.md" in w
+               for w in warnings), warnings
     # Also reachable over the websocket, as JSON-RPC.
     assert stack.ui.rpc("server.encrypted_print.recipient")["recipient"] == stack.keys.recipient
 
@@ -305,7 +310,7 @@ def test_missing_identity_and_missing_bridge_leave_one_clear_warning_each(binari
     try:
         st.start()
         warnings = wait_for(lambda: [w for w in st.ui.get("/server/info")["result"]["warnings"]
-                                     if "encrypted_print" in w] if any(
+                                     if "encrypted_print" in w and "set-user-ID" not in w] if any(
             "encrypted_file_bridge" in w for w in st.ui.get("/server/info")["result"]["warnings"]
         ) else None, 10, "the warnings")
         assert len(warnings) == 2, warnings
@@ -472,7 +477,7 @@ def test_unsafe_settings_get_a_warning_each(make_stack, binaries, tmp_path):
     keys.identity.chmod(0o644)
     st = make_stack("[file_manager]\nenable_object_processing: True\n", keys)
     warnings = [w for w in st.ui.get("/server/info")["result"]["warnings"]
-                if "encrypted_print" in w]
+                if "encrypted_print" in w and "set-user-ID" not in w]
     assert any("readable by others (mode 0644)" in w and "chmod 600" in w for w in warnings)
     assert any("enable_object_processing is on" in w for w in warnings)
     assert len(warnings) == 2, warnings

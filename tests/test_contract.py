@@ -59,7 +59,7 @@ def test_component_klipper_names_equal_the_contract(ep):
 def test_component_requests_carry_exactly_the_required_keys(ep):
     client = ep.HelperClient("/nonexistent", "/id.key")
     for op, spec in CONTRACT["ops"].items():
-        path = "" if op == "recipient" else "/g/x.gcode"
+        path = "" if op in ("recipient", "records") else "/g/x.gcode"
         req = client._request(op, path, "/g")
         if op == "decrypt":
             req.update(max_bytes=0, memfd_name="encprint-x")  # as decrypt() adds

@@ -35,7 +35,7 @@ def test_golden_vector_decodes_and_reencodes_byte_exact(vec, binaries):
 def test_vectors_cover_every_message_kind():
     kinds = {v["kind"] for v in VECTORS}
     assert kinds == {"hello", "request", "progress", "inspect_result", "decrypt_result",
-                     "recipient_result", "error"}
+                     "recipient_result", "records_result", "error"}
 
 
 # -- proto/testdata/requests.json against the real helper --------------------

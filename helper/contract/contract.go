@@ -55,6 +55,7 @@ const (
 	OpInspect   = "inspect"
 	OpDecrypt   = "decrypt"
 	OpRecipient = "recipient"
+	OpRecords   = "records"
 )
 
 // Required returns the keys a request for op must carry (nil for an unknown op).
@@ -66,12 +67,14 @@ func Required(op string) []string {
 		return []string{"type", "protocol", "op", "path", "root", "identity", "max_bytes", "memfd_name"}
 	case OpRecipient:
 		return []string{"type", "protocol", "op", "identity"}
+	case OpRecords:
+		return []string{"type", "protocol", "op"}
 	}
 	return nil
 }
 
 // Ops lists the operations in contract.json's order.
-func Ops() []string { return []string{OpInspect, OpDecrypt, OpRecipient} }
+func Ops() []string { return []string{OpInspect, OpDecrypt, OpRecipient, OpRecords} }
 
 // Error codes the helper sends (proto/PROTOCOL.md, "error").
 const (
@@ -95,6 +98,10 @@ const (
 	CodeNotYetValid        = "not_yet_valid"
 	CodeExpired            = "expired"
 	CodeMemfdUnavailable   = "memfd_unavailable"
+	CodeUntrusted          = "untrusted"
+	CodeUsedUp             = "used_up"
+	CodeStateError         = "state_error"
+	CodeInstallError       = "install_error"
 	CodeInternal           = "internal"
 )
 
@@ -104,5 +111,6 @@ func ErrorCodes() []string {
 		CodeNotAFile, CodeUnreadable, CodeIOError, CodeIdentityError, CodeNotEncrypted,
 		CodeMalformedHeader, CodeUnsupportedVersion, CodeWrongIdentity, CodeHeaderAuthFailed,
 		CodePayloadCorrupt, CodeTruncated, CodeTooLarge, CodeDigestMismatch, CodeNotYetValid,
-		CodeExpired, CodeMemfdUnavailable, CodeInternal}
+		CodeExpired, CodeMemfdUnavailable, CodeUntrusted, CodeUsedUp, CodeStateError, CodeInstallError,
+		CodeInternal}
 }

@@ -92,6 +92,27 @@ type RecipientResult struct {
 	Others    []string `msgpack:"others"`
 }
 
+// RecordsResult answers a records request: every decryption the installed
+// helper handed out, oldest first. A helper that is not installed
+// set-user-ID keeps no record (Installed false, no records).
+type RecordsResult struct {
+	Type      string   `msgpack:"type"`
+	Op        string   `msgpack:"op"`
+	Installed bool     `msgpack:"installed"`
+	Records   []Record `msgpack:"records"`
+}
+
+// Record is one decryption in the installed helper's state.
+type Record struct {
+	FileID    string `msgpack:"file_id"` // hex
+	Publisher string `msgpack:"publisher"`
+	Time      int64  `msgpack:"time"` // Unix seconds
+	PID       int    `msgpack:"pid"`
+	UID       int    `msgpack:"uid"`
+	MaxPrints int    `msgpack:"max_prints"`
+	Count     int    `msgpack:"count"` // prints of this file id, this one included
+}
+
 // Error is the helper's answer when an operation fails. Key names the
 // request key a bad_request is about, when it is about one.
 type Error struct {

@@ -56,6 +56,8 @@ func fixedMessages() []struct {
 			SHA256: bytes.Repeat([]byte{0x5a}, 32), Seals: 47, MemfdName: "encprint-0f1e2d3c", ElapsedMS: 12.5}},
 		{"recipient result", "recipient_result", &RecipientResult{"result", "recipient",
 			"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p", []string{}}},
+		{"records result", "records_result", &RecordsResult{"result", "records", true, []Record{{FileID: strings.Repeat("ab", 16),
+			Publisher: *pubKey(), Time: 1767225600, PID: 4242, UID: 1000, MaxPrints: 3, Count: 1}}}},
 		{"error", "error", &Error{Type: "error", Code: "too_large", Message: "part.gcode needs 2.0 GiB of memory to print, more than the 512.0 MiB allowed"}},
 	}
 }
@@ -63,7 +65,7 @@ func fixedMessages() []struct {
 func newOf(kind string) interface{} {
 	return map[string]interface{}{"hello": &Hello{}, "request": &Request{}, "progress": &Progress{},
 		"inspect_result": &InspectResult{}, "decrypt_result": &DecryptResult{},
-		"recipient_result": &RecipientResult{}, "error": &Error{}}[kind]
+		"recipient_result": &RecipientResult{}, "records_result": &RecordsResult{}, "error": &Error{}}[kind]
 }
 
 // jsonForm turns a generic msgpack value into the vectors' JSON form.

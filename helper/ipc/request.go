@@ -51,7 +51,7 @@ func DecodeRequest(body []byte) (*Request, *Error) {
 	op := m["op"].str
 	required := contract.Required(op)
 	if required == nil {
-		return nil, badRequest("op", "unknown operation %q (this helper knows inspect, decrypt and recipient)", op)
+		return nil, badRequest("op", "unknown operation %q (this helper knows inspect, decrypt, recipient and records)", op)
 	}
 	for _, k := range required {
 		if e := check(m, k); e != nil {

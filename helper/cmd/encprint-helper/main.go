@@ -27,19 +27,37 @@ import (
 	"github.com/klipper-encprint/encprint/helper/encfile"
 	"github.com/klipper-encprint/encprint/helper/ipc"
 	"github.com/klipper-encprint/encprint/helper/memfd"
+	"github.com/klipper-encprint/encprint/helper/privsep"
 	"github.com/klipper-encprint/encprint/helper/version"
 	"golang.org/x/sys/unix"
 )
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == privsep.KeeperArg {
+		if err := privsep.RunKeeper(); err != nil {
+			fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
+			os.Exit(2)
+		}
+		return
+	}
+	t := startTrust() // hardens; privileged only until it returns
+	defer t.close()
 	sockFD := flag.Int("socket-fd", -1, "descriptor of the SOCK_SEQPACKET socket to the component")
 	showVersion := flag.Bool("version", false, "print the version and protocol, then exit")
+	initState := flag.Bool("init-state", false, "create the empty print-count state of an installed helper (run as its own user), then exit")
 	flag.Parse()
 	if *showVersion {
 		fmt.Printf("encprint-helper %s protocol %d\n", version.Version, version.Protocol)
 		return
 	}
-	harden()
+	if *initState {
+		if err := initStateDir(t); err != nil {
+			fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
+			os.Exit(1)
+		}
+		fmt.Printf("created the print-count state in %s\n", privsep.StateDir)
+		return
+	}
 	if *sockFD < 0 {
 		fmt.Fprintln(os.Stderr, "encprint-helper: --socket-fd is required; this program is started by Moonraker's encrypted_print component")
 		os.Exit(2)
@@ -49,25 +67,22 @@ func main() {
 		fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
 		os.Exit(2)
 	}
-	defer conn.Close()
-	if err := serve(conn); err != nil {
+	if err := serve(conn, t); err != nil {
+		conn.Close()
+		t.close()
 		fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
 		os.Exit(1)
 	}
-}
-
-// harden keeps the identity and cleartext out of core dumps and makes
-// /proc/<helper>/fd and /proc/<helper>/mem unavailable to other processes.
-func harden() {
-	unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
-	unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{Cur: 0, Max: 0})
+	conn.Close()
 }
 
 // now is the clock the policy's time window is checked against. Only tests
 // change it.
 var now = time.Now
 
-func serve(conn *ipc.Conn) error {
+// serve answers one request. t is the privileged phase's outcome (nil in
+// tests of the unprivileged helper).
+func serve(conn *ipc.Conn, t *trust) error {
 	if err := conn.Send(&ipc.Hello{Type: "hello", Protocol: version.Protocol, Version: version.Version}, -1); err != nil {
 		return err
 	}
@@ -83,21 +98,30 @@ func serve(conn *ipc.Conn) error {
 	if e != nil {
 		return conn.Send(e, -1)
 	}
+	if t != nil && t.err != nil {
+		return conn.Send(t.err, -1)
+	}
 	switch req.Op {
 	case contract.OpInspect:
-		res, e := inspect(req)
+		res, e := inspect(req, t)
 		if e != nil {
 			return conn.Send(e, -1)
 		}
 		return conn.Send(res, -1)
 	case contract.OpRecipient:
-		res, e := recipient(req)
+		res, e := recipient(req, t)
+		if e != nil {
+			return conn.Send(e, -1)
+		}
+		return conn.Send(res, -1)
+	case contract.OpRecords:
+		res, e := t.records()
 		if e != nil {
 			return conn.Send(e, -1)
 		}
 		return conn.Send(res, -1)
 	default: // contract.OpDecrypt: DecodeRequest admits no other op
-		f, res, e := decrypt(req, conn)
+		f, res, e := decrypt(req, conn, t)
 		if e != nil {
 			return conn.Send(e, -1)
 		}
@@ -107,8 +131,8 @@ func serve(conn *ipc.Conn) error {
 	}
 }
 
-func recipient(req *ipc.Request) (*ipc.RecipientResult, *ipc.Error) {
-	ids, e := loadIdentity(req.Identity)
+func recipient(req *ipc.Request, t *trust) (*ipc.RecipientResult, *ipc.Error) {
+	ids, e := t.identities(req)
 	if e != nil {
 		return nil, e
 	}
@@ -130,7 +154,7 @@ func recipient(req *ipc.Request) (*ipc.RecipientResult, *ipc.Error) {
 		}
 	}
 	if res.Recipient == "" {
-		return nil, fail(contract.CodeIdentityError, "the printer identity %s holds no X25519 key", req.Identity)
+		return nil, fail(contract.CodeIdentityError, "the printer identity %s holds no X25519 key", t.identityName(req))
 	}
 	return res, nil
 }
@@ -266,13 +290,16 @@ func publisher(p *encfile.Public) (*string, bool) {
 	return &s, p.VerifySignature() == nil
 }
 
-func inspect(req *ipc.Request) (*ipc.InspectResult, *ipc.Error) {
+func inspect(req *ipc.Request, t *trust) (*ipc.InspectResult, *ipc.Error) {
 	f, size, e := openInRoot(req)
 	if e != nil {
 		return nil, e
 	}
 	defer f.Close()
 	name := filepath.Base(req.Path)
+	if e := t.callerFile(f, name); e != nil {
+		return nil, e
+	}
 	_, pub, err := encfile.ParseFile(f, size)
 	if err != nil {
 		return nil, classify(name, err)
@@ -280,7 +307,7 @@ func inspect(req *ipc.Request) (*ipc.InspectResult, *ipc.Error) {
 	res := &ipc.InspectResult{Type: "result", Op: contract.OpInspect, FileID: pub.FileID, Recipients: pub.Recipients,
 		Metadata: pub.Metadata, Policy: pub.Policy}
 	res.Publisher, res.SignatureValid = publisher(pub)
-	ids, e := loadIdentity(req.Identity)
+	ids, e := t.identities(req)
 	if e != nil {
 		res.Reason, res.ReasonCode = e.Message, e.Code
 		return res, nil
@@ -300,19 +327,21 @@ func inspect(req *ipc.Request) (*ipc.InspectResult, *ipc.Error) {
 	if err := ef.Public.Policy.CheckWindow(now()); err != nil {
 		e := classify(name, err)
 		res.Reason, res.ReasonCode = e.Message, e.Code
+	} else if e := t.refusal(name, ef.Public); e != nil {
+		res.Reason, res.ReasonCode = e.Message, e.Code
 	}
 	return res, nil
 }
 
 var memfdName = regexp.MustCompile(contract.MemfdTokenRegex)
 
-func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *ipc.Error) {
+func decrypt(req *ipc.Request, conn *ipc.Conn, t *trust) (*os.File, *ipc.DecryptResult, *ipc.Error) {
 	if !memfdName.MatchString(req.MemfdName) {
 		e := fail(contract.CodeBadRequest, "memfd_name %q must match %s", req.MemfdName, contract.MemfdTokenRegex)
 		e.Key = "memfd_name"
 		return nil, nil, e
 	}
-	ids, e := loadIdentity(req.Identity)
+	ids, e := t.identities(req)
 	if e != nil {
 		return nil, nil, e
 	}
@@ -322,12 +351,18 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 	}
 	defer f.Close()
 	name := filepath.Base(req.Path)
+	if e := t.callerFile(f, name); e != nil {
+		return nil, nil, e
+	}
 	ef, err := encfile.Open(f, size, ids...)
 	if err != nil {
 		return nil, nil, classify(name, err)
 	}
 	if err := ef.Public.Policy.CheckWindow(now()); err != nil {
 		return nil, nil, classify(name, err)
+	}
+	if e := t.refusal(name, ef.Public); e != nil {
+		return nil, nil, e
 	}
 	if budget, why := memoryBudget(req.MaxBytes); ef.PlainSize > budget {
 		return nil, nil, fail(contract.CodeTooLarge, "%s needs %s of memory to print, more than the %s allowed (%s)",
@@ -364,6 +399,12 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 	if err != nil {
 		mf.Close()
 		return nil, nil, fail(contract.CodeInternal, "%v", err)
+	}
+	// Every chunk authenticated and the memfd is sealed: count it, on disk,
+	// before the descriptor leaves.
+	if e := t.commit(name, ef.Public); e != nil {
+		mf.Close()
+		return nil, nil, e
 	}
 	out := &ipc.DecryptResult{Type: "result", Op: contract.OpDecrypt, FileID: ef.Public.FileID, Size: res.Size,
 		SHA256: res.SHA256[:], Seals: seals, MemfdName: req.MemfdName}

@@ -108,7 +108,7 @@ func fromJSON(v interface{}, repl *strings.Replacer) interface{} {
 	return v
 }
 
-func encodeBody(t *testing.T, req map[string]interface{}) []byte {
+func encodeBody(t testing.TB, req map[string]interface{}) []byte {
 	var buf bytes.Buffer
 	enc := msgpack.NewEncoder(&buf)
 	enc.UseCompactInts(true)
@@ -211,14 +211,14 @@ func (c *requestCase) makeFiles(t *testing.T, root string) {
 // ended (the records it sent before are still queued: read on). It closes
 // every descriptor and returns how many arrived. A nil message is the end
 // of the connection.
-func recvMessage(t *testing.T, fd int) (map[string]interface{}, int) {
+func recvMessage(t testing.TB, fd int) (map[string]interface{}, int) {
 	buf := make([]byte, contract.MaxRecord)
 	oob := make([]byte, unix.CmsgSpace(4))
 	var body []byte
 	want, fds := -1, 0
 	for {
 		n, oobn, flags, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
-		if errors.Is(err, unix.ECONNRESET) {
+		if errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EINTR) {
 			continue
 		}
 		if err != nil {
@@ -292,7 +292,7 @@ func runCase(t *testing.T, c *requestCase) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { err := serve(conn); conn.Close(); done <- err }()
+	go func() { err := serve(conn, nil); conn.Close(); done <- err }()
 
 	// Every record is queued before the hello is read, so a helper that
 	// answers early leaves the rest unread (and the client sees ECONNRESET).

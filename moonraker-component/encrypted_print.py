@@ -24,10 +24,10 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from ..common import RequestType
+from ..common import RequestType, WebRequest
 
 if TYPE_CHECKING:
-    from ..common import UserInfo, WebRequest
+    from ..common import UserInfo
     from ..confighelper import ConfigHelper
 
 try:
@@ -421,6 +421,8 @@ class HelperClient:
 NAMESPACE = "encrypted_print"            # print counts per file id
 JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
 REMOTE_METHOD = "encrypted_print_prepare"
+REGISTER_ENDPOINT = "encrypted_file_bridge/register"
+REFUSE_ENDPOINT = "encrypted_file_bridge/refuse"
 BRIDGE_OBJECT = "encrypted_file_bridge"
 DEFAULT_IDENTITY = "~/.config/encprint/printer.key"
 PUBKEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
@@ -719,8 +721,9 @@ class EncryptedPrint:
         await self._started(name)
         return ret
 
-    async def _prepare(self, name: str, user: Optional[UserInfo]) -> None:
-        """Check everything, decrypt, and register the memfd with Klipper."""
+    async def _prepare(self, name: str, user: Optional[UserInfo]) -> bool:
+        """Check everything, decrypt, and register the memfd with Klipper.
+        True when a console start waiting in Klipper took the registration."""
         # First: from here on messages name the file, and they are echoed to
         # Klipper's console; a newline in a name would be a G-code line.
         if UNSENDABLE.search(name):
@@ -777,12 +780,11 @@ class EncryptedPrint:
                     df.close()
                     raise PrintRefused(f"cannot print {name}: {e.message}") from None
             try:
-                esc = name.replace("\\", "\\\\").replace('"', '\\"')
-                # If Klipper answers after the timeout, its registration
-                # names a TOKEN that no other memfd has: it fails there.
-                await self._klipper(name, self.kapis.run_gcode(
-                    f'REGISTER_ENCRYPTED_FILE FILENAME="{esc}" PID={os.getpid()} '
-                    f"FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}"))
+                # An API request, not G-code: nothing of it reaches the
+                # console, gcode_store or a macro. The token is used once.
+                reply = await self._klipper(name, self._bridge_request(REGISTER_ENDPOINT, {
+                    "filename": name, "pid": os.getpid(), "fd": df.fd, "size": df.size,
+                    "token": df.memfd_name}))
             except PrintRefused:
                 df.close()
                 raise
@@ -798,6 +800,11 @@ class EncryptedPrint:
             self.active = ActiveJob(name, df, rid, record)
             logging.info(f"encrypted_print: {name} decrypted ({df.size} bytes in "
                          f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
+            return bool((reply or {}).get("consumed"))
+
+    async def _bridge_request(self, endpoint: str, params: Dict[str, Any]) -> Any:
+        klippy = self.server.lookup_component("klippy_connection")
+        return await klippy.request(WebRequest(endpoint, params))
 
     async def _klipper(self, name: str, request: Any) -> Any:
         """A request to Klipper on a start path, bounded by klipper_timeout."""
@@ -887,25 +894,29 @@ class EncryptedPrint:
         self.eventloop.create_task(self._remote_prepare(filename, bool(start)))
 
     async def _remote_prepare(self, filename: str, start: bool) -> None:
+        """SDCARD_PRINT_FILE or M23 waits in Klipper while this decrypts and
+        registers the file; the waiting command then loads it, so the rest
+        of the script or macro runs as for a clear file."""
         try:
-            if start:
-                await self._start_print(filename)
-            else:
-                await self._prepare(filename, None)
-                try:
-                    await self.kapis.run_gcode(f"M23 {filename}")
-                except Exception as e:
-                    await self._abort_start(filename, f"Klipper refused to select "
-                                            f"{filename}: {e}")
-                    return
-                await self._started(filename)  # the user's M24 runs it
-        except self.server.error:
-            pass  # already reported
-        except PrintRefused as e:
-            self._report_error(str(e))
+            consumed = await self._prepare(filename, None)
         except Exception as e:
-            logging.exception("encrypted_print: remote prepare")
-            self._report_error(f"cannot prepare {filename}: {e}")
+            msg = str(e) if isinstance(e, PrintRefused) else f"cannot prepare {filename}: {e}"
+            if not isinstance(e, PrintRefused):
+                logging.exception("encrypted_print: remote prepare")
+            # The waiting command fails with this message in the console.
+            logging.warning(f"encrypted_print: {msg!r}")
+            self.server.send_event("encrypted_print:error", {"message": msg})
+            try:
+                await self._bridge_request(REFUSE_ENDPOINT, {"filename": filename,
+                                                             "message": msg})
+            except self.server.error:
+                pass  # Klipper is gone; its command ended with it
+            return
+        if not consumed:
+            await self._abort_start(filename, f"Klipper stopped waiting for {filename}; "
+                                    "start it again")
+            return
+        await self._started(filename)
 
     # -- the print's lifetime: the memfd is held until the print ends --
 

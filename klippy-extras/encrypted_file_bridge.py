@@ -31,6 +31,7 @@ GUARDED_COMMANDS = (
 # Status objects that carry the toolhead position, and the rate at which the
 # UI's subscription shows them: API queries get them no faster.
 STATUS_INTERVAL = .250
+STATUS_OBJECTS = ('toolhead', 'gcode_move', 'motion_report')
 # The trapq and step history Klipper keeps (MOVE_HISTORY_EXPIRE is 30 s):
 # motion dumps stay silent that long after an encrypted print ended.
 LOCKDOWN_GRACE = 35.
@@ -118,8 +119,8 @@ class _RedactingGCode:
         self._bridge.note_line()
         try:
             self._gcode.run_script(script)
-        except self._gcode.error:
-            if self._bridge.streaming():
+        except self._gcode.error as e:
+            if self._bridge.streaming() and not self._bridge.is_own(e):
                 raise self._gcode.error(self._bridge.redacted_error())
             raise
 
@@ -163,7 +164,9 @@ class _Lockdown:
         self.reactor = self.printer.get_reactor()
         self.bridge = bridge
         self.builtin = set()
-        self.query_slot = 0.
+        self.slow = False
+        self.history_floor = 0.
+        self.status_cache = {}
         gm = self.printer.load_object(config, 'gcode_macro')
         self.env = self._sandbox(gm.env)
         gm.env = self.env
@@ -275,11 +278,15 @@ class _Lockdown:
             if serial is not None and hasattr(serial, 'dump_debug'):
                 serial.dump_debug = self._quiet(
                     serial.dump_debug, "serial queues of %s" % (name,), "")
-        gm = self.printer.lookup_object('gcode_macro')
+        for name in STATUS_OBJECTS:
+            obj = self.printer.lookup_object(name, None)
+            if obj is not None and hasattr(obj, 'get_status'):
+                obj.get_status = self._slow_status(name, obj.get_status)
+        # A macro the file runs sees the position as it is; any other (the
+        # console, a delayed_gcode) sees it as the UI does.
         for tw in self._templates():
-            tw.create_template_context = self._context(
-                tw.create_template_context)
-        gm.create_template_context = self._context(gm.create_template_context)
+            tw.render = self._slowly(
+                tw.render, lambda: not self.bridge.vsd.is_cmd_from_sd())
     def _guard_endpoint(self, path, cb):
         last = path.rsplit('/', 1)[-1]
         if last.startswith('dump_'):
@@ -291,30 +298,54 @@ class _Lockdown:
                 return cb(web_request)
             return refused
         if path in ('objects/query', 'objects/subscribe'):
-            def throttled(web_request):
-                # Every request waits for the next 250 ms slot; all that
-                # waited for one slot are answered together.
-                if self.bridge.locked():
-                    now = self.reactor.monotonic()
-                    slot = self.query_slot
-                    if now < slot:
-                        self.reactor.pause(slot)
-                        self.query_slot = max(self.query_slot,
-                                              slot + STATUS_INTERVAL)
-                    else:
-                        self.query_slot = now + STATUS_INTERVAL
-                return cb(web_request)
-            return throttled
+            return self._slowly(cb, lambda: True)
         return cb
+    def _slowly(self, func, when):
+        # While func runs (it never pauses), the position-carrying status
+        # objects answer from a copy at most STATUS_INTERVAL old.
+        def call(*args, **kwargs):
+            prev = self.slow
+            self.slow = prev or (self.bridge.locked() and when())
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.slow = prev
+        return call
+    def _slow_status(self, name, get_status):
+        def status(*args):
+            if not self.slow:
+                return get_status(*args)
+            now = self.reactor.monotonic()
+            hit = self.status_cache.get(name)
+            if hit is None or not hit[0] <= now < hit[0] + STATUS_INTERVAL:
+                hit = self.status_cache[name] = (now, get_status(*args))
+            return hit[1]
+        return status
     def _silenced(self, cb):
-        # The batch still runs, so the stream's cursor moves on and nothing
-        # queued during the print comes out afterwards.
+        # The batch still runs, so the stream's cursor moves on; and nothing
+        # that moved before the lockdown ended comes out afterwards (a
+        # stream started later begins with Klipper's move history).
         def batch(eventtime):
             msg = cb(eventtime)
-            if self.bridge.locked():
+            if not msg or self.bridge.locked():
                 return {}
+            floor = self.history_floor
+            if msg.get('first_step_time', floor) < floor:
+                return {}
+            if 'first_step_time' not in msg and 'data' in msg:
+                data = [d for d in msg['data'] if d[0] >= floor]
+                if not data:
+                    return {}
+                msg = dict(msg, data=data)
             return msg
         return batch
+    def note_released(self):
+        # Moves queued up to now belong to the encrypted print.
+        toolhead = self.printer.lookup_object('toolhead', None)
+        try:
+            self.history_floor = toolhead.get_last_move_time()
+        except Exception:
+            logging.exception("encrypted_file_bridge: last move time")
     def _quiet(self, func, what, result):
         def quiet(*args):
             if self.bridge.locked():
@@ -323,38 +354,6 @@ class _Lockdown:
                 return result
             return func(*args)
         return quiet
-    def _context(self, create):
-        # Macros not run by the file see the toolhead position no finer
-        # than the UI does.
-        def create_template_context(*args, **kwargs):
-            ctx = create(*args, **kwargs)
-            if self.bridge.locked() and not self.bridge.vsd.is_cmd_from_sd():
-                ctx['printer'] = _SlowStatus(ctx['printer'], self)
-            return ctx
-        return create_template_context
-
-
-class _SlowStatus:
-    # The template's `printer`, with toolhead and gcode_move at most 4 Hz.
-    cache = {}
-    def __init__(self, status, lockdown):
-        self._status = status
-        self._reactor = lockdown.reactor
-    def __getitem__(self, name):
-        key = str(name).strip()
-        if key not in ('toolhead', 'gcode_move', 'motion_report'):
-            return self._status[name]
-        now = self._reactor.monotonic()
-        hit = _SlowStatus.cache.get(key)
-        if hit is None or now >= hit[0] + STATUS_INTERVAL:
-            hit = _SlowStatus.cache[key] = (now, self._status[name])
-        return hit[1]
-    def __getattr__(self, name):
-        return getattr(self._status, name)
-    def __contains__(self, name):
-        return name in self._status
-    def __iter__(self):
-        return iter(self._status)
 
 
 class EncryptedFileBridge:
@@ -384,6 +383,7 @@ class EncryptedFileBridge:
         self.active = None
         self.furthest = 0
         self.unlock_time = 0.
+        self.own_error = None
         vsd = self.vsd
         self.orig_load_file = vsd._load_file
         vsd._load_file = self._load_file
@@ -438,8 +438,11 @@ class EncryptedFileBridge:
         return ("Error in encrypted file %s near byte %d (the line is not"
                 " shown, to keep the file secret)"
                 % (self.active.name, self.vsd.file_position))
+    def is_own(self, msg):
+        # The bridge's own refusals name no content of the file.
+        return str(msg) == self.own_error
     def _respond_error(self, msg):
-        if self.streaming():
+        if self.streaming() and not self.is_own(msg):
             msg = self.redacted_error()
         self.orig_respond_error(msg)
     # Name handling, as virtual_sdcard matches names
@@ -595,11 +598,12 @@ class EncryptedFileBridge:
                 and self.vsd.current_file is self.active.file
                 and pos < self.furthest)
     def _refuse_back(self, what, pos):
-        return self.printer.command_error(
+        self.own_error = (
             "%s refused: encrypted file %s already ran to byte %d and one"
             " decryption prints once, so it cannot go back to byte %d"
             " (resume continues where it paused)"
             % (what, self.active.name, self.furthest, pos))
+        return self.printer.command_error(self.own_error)
     def cmd_M26(self, gcmd):
         pos = gcmd.get_int('S', minval=0)
         if self._ran_to(pos):
@@ -683,7 +687,7 @@ class EncryptedFileBridge:
                 self.vsd.current_file = None
             self.active.close()
             self.active = None
-            self.unlock_time = self.reactor.monotonic() + LOCKDOWN_GRACE
+            self._ended(self.reactor.monotonic())
     def _check_timer(self, eventtime):
         for name, reg in list(self.registrations.items()):
             if eventtime >= reg.expires:
@@ -698,7 +702,7 @@ class EncryptedFileBridge:
                 # virtual_sdcard closed it (end, cancel, reset, new print)
                 active.close()
                 self.active = None
-                self.unlock_time = eventtime + LOCKDOWN_GRACE
+                self._ended(eventtime)
             elif self.vsd.work_timer is None and active.file.read_error:
                 # Not a pause: the print cannot go on; end it as an error
                 # the UI shows, so it can be started (or cancelled) again.
@@ -715,6 +719,9 @@ class EncryptedFileBridge:
         if not self.registrations and self.active is None:
             return self.reactor.NEVER
         return eventtime + 1.
+    def _ended(self, eventtime):
+        self.unlock_time = eventtime + LOCKDOWN_GRACE
+        self.lockdown.note_released()
     def _handle_shutdown(self):
         for reg in self.registrations.values():
             reg.close()

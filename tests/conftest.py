@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from stack import Stack  # noqa: E402
+from stack import TOOLPATH_CANARIES, TOOLPATH_LEAKS, Stack, toolpath_hits  # noqa: E402
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -112,19 +112,27 @@ def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
     under the test roots (data folders, logs, databases, .thumbs) or in the
     system's temp folders."""
     yield
-    if not SECRET_CANARIES:
+    assert not TOOLPATH_LEAKS, ("toolpath of an encrypted file in an API response or "
+                                "websocket message:\n" + "\n".join(TOOLPATH_LEAKS[:20]))
+    if not SECRET_CANARIES and not TOOLPATH_CANARIES:
         return
     roots = [tmp_path_factory.getbasetemp(), pathlib.Path(tempfile.gettempdir()),
              pathlib.Path("/dev/shm")]
     found = []
     for root in roots:
-        for p in root.rglob("*"):
-            try:
-                if not p.is_file() or p.is_symlink() or p.stat().st_size > 64 << 20:
+        # os.walk ignores folders that other processes remove meanwhile.
+        for dirpath, _dirs, files in os.walk(root):
+            for fname in files:
+                p = pathlib.Path(dirpath) / fname
+                try:
+                    if p.is_symlink() or not p.is_file() or p.stat().st_size > 64 << 20:
+                        continue
+                    data = p.read_bytes()
+                except OSError:
                     continue
-                hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
-            except OSError:
-                continue
-            if hits:
-                found.append(f"{p}: {sorted(hits)[:2]}")
-    assert not found, "cleartext of encrypted files found on disk:\n" + "\n".join(found)
+                hits = set(CANARY_RE.findall(data)) & SECRET_CANARIES
+                hits |= toolpath_hits(data)
+                if hits:
+                    found.append(f"{p}: {sorted(hits)[:2]}")
+    assert not found, ("cleartext or toolpath of encrypted files found on disk:\n"
+                       + "\n".join(found))

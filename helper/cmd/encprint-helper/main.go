@@ -181,6 +181,7 @@ func classify(name string, err error) *ipc.Error {
 	var he *encfile.HeaderError
 	var se *encfile.StanzaError
 	var ce *encfile.ChunkError
+	var ue *encfile.UTF8Error
 	switch {
 	case errors.Is(err, encfile.ErrNotEncrypted):
 		return fail("not_encrypted", "%s is not an encrypted G-code file", name)
@@ -198,6 +199,8 @@ func classify(name string, err error) *ipc.Error {
 		return fail("truncated", "%s is incomplete or has extra bytes at its end (interrupted upload?); upload it again", name)
 	case errors.Is(err, encfile.ErrSizeMismatch), errors.Is(err, encfile.ErrDigest):
 		return fail("digest_mismatch", "%s: %v", name, err)
+	case errors.As(err, &ue):
+		return fail("not_utf8", "%s: %v", name, err)
 	}
 	return fail("internal", "%s: %v", name, err)
 }
@@ -284,6 +287,10 @@ func decrypt(req *ipc.Request, conn *ipc.Conn) (*os.File, *ipc.DecryptResult, *i
 		return nil, nil, fail("internal", "%v", err)
 	}
 	res, err := ef.DecryptInto(mapping, 0)
+	if err == nil {
+		// Before the print is counted: Klipper stops at a byte it cannot read.
+		err = encfile.CheckUTF8(mapping[:res.Size])
+	}
 	if uerr := memfd.Unmap(mapping); uerr != nil && err == nil {
 		err = uerr
 	}

@@ -5,7 +5,7 @@
 # virtual_sdcard then streams it like any other file. An encrypted file that
 # was not registered is never streamed as G-code. While an encrypted file is
 # registered or prints, the lockdown below keeps its commands and toolpath
-# inside Klipper's executor. See docs/adr/006-lockdown.md of klipper-encprint.
+# inside Klipper's executor. See docs/adr/009-lockdown.md of klipper-encprint.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
 import fcntl, importlib, io, logging, os, re, socket, stat, struct

@@ -4,6 +4,7 @@ API socket and virtual_sdcard prints from it."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib
 import os
 import pathlib
@@ -337,3 +338,42 @@ def test_sdcard_reset_file_releases_the_memfd(printer, long_file_lines):
     wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
     wait_for(lambda: printer.status()["encrypted_file_bridge"]["active"] is None, 3,
              "the bridge's status to follow (it checks once a second)")
+
+
+def test_a_memfd_is_registered_once(printer):
+    printer.put("once.gcode", sample_gcode(layers=2))
+    df = printer.register("once.gcode")
+    msg = printer.register_err(filename="once.gcode", pid=os.getpid(), fd=df.fd,
+                               size=df.size, token=df.memfd_name)
+    assert "registered before" in msg and "prints once" in msg, msg
+    assert printer.status()["encrypted_file_bridge"]["registered"] == ["once.gcode"]
+
+
+def sealed_memfd(data: bytes) -> tuple:
+    name = "encprint-" + os.urandom(6).hex()
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    fcntl.fcntl(fd, 1033, 0xf)  # F_ADD_SEALS: SEAL|SHRINK|GROW|WRITE
+    return fd, name
+
+
+def test_an_unreadable_byte_ends_the_print_as_an_error_not_a_stuck_pause(printer):
+    """What a helper that does not check UTF-8 would hand over: the print
+    ends as an error naming the byte, and the printer takes the next one."""
+    printer.put("bad.gcode", b"G1 X1\n")  # any encrypted file of that name
+    data = b"G90\nG1 X1 Y1 F6000\n; caf\xe9\nG1 X2 Y2\n"
+    fd, name = sealed_memfd(data)
+    try:
+        r = printer.register_call(filename="bad.gcode", pid=os.getpid(), fd=fd,
+                                  size=len(data), token=name)
+        assert "error" not in r, r
+    finally:
+        os.close(fd)
+    printer.ok('SDCARD_PRINT_FILE FILENAME="bad.gcode"')
+    st = printer.wait_state("error", timeout=10)
+    msg = st["print_stats"]["message"]
+    assert "cannot be read after byte" in msg and "not UTF-8" in msg, msg
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    (printer.gcodes / "next.gcode").write_bytes(sample_gcode(layers=1))
+    printer.ok('SDCARD_PRINT_FILE FILENAME="next.gcode"')
+    assert printer.wait_state("complete")["print_stats"]["filename"] == "next.gcode"

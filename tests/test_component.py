@@ -53,12 +53,15 @@ def assert_no_canary(root: pathlib.Path, canary: str) -> None:
     the system temp folder holds the canary."""
     needle = canary.encode()
     for base in (root, pathlib.Path(tempfile.gettempdir())):
-        for p in base.rglob("*"):
-            try:
-                if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20:
-                    assert needle not in p.read_bytes(), f"cleartext canary found in {p}"
-            except (PermissionError, FileNotFoundError):
-                continue
+        # os.walk skips folders that other processes remove meanwhile.
+        for dirpath, _dirs, files in os.walk(base):
+            for fname in files:
+                p = pathlib.Path(dirpath) / fname
+                try:
+                    if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20:
+                        assert needle not in p.read_bytes(), f"cleartext canary found in {p}"
+                except (PermissionError, FileNotFoundError):
+                    continue
 
 
 class EncStack(Stack):

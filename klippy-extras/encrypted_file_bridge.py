@@ -1,12 +1,14 @@
 # Print encrypted G-code from a sealed memfd
 #
 # Moonraker's encrypted_print component decrypts a file into a sealed memfd and
-# registers it here with REGISTER_ENCRYPTED_FILE; virtual_sdcard then streams
-# it like any other file. An encrypted file that was not registered is never
-# streamed as G-code. See docs/ and proto/PROTOCOL.md of klipper-encprint.
+# registers it here through the encrypted_file_bridge/register API endpoint;
+# virtual_sdcard then streams it like any other file. An encrypted file that
+# was not registered is never streamed as G-code. While an encrypted file is
+# registered or prints, the lockdown below keeps its commands and toolpath
+# inside Klipper's executor. See docs/adr/009-lockdown.md of klipper-encprint.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
-import fcntl, io, logging, os, re, stat
+import fcntl, importlib, io, logging, os, re, socket, stat, struct
 
 MAGIC = b"age-encryption.org/v1\n"
 ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
@@ -15,6 +17,27 @@ F_GET_SEALS = 1034
 VALID_EXTS = ('.gcode', '.g', '.gco')
 TOKEN_RE = re.compile(r'^encprint-[0-9a-z]{1,32}$')
 REMOTE_METHOD = "encrypted_print_prepare"
+REGISTER_ENDPOINT = "encrypted_file_bridge/register"
+REGISTER_PARAMS = ("filename", "pid", "fd", "size", "token")
+REFUSE_ENDPOINT = "encrypted_file_bridge/refuse"
+REFUSE_PARAMS = ("filename", "message")
+# Commands whose parameters carry the part's geometry or its process, and the
+# commands that start a counted print: while an encrypted file is registered
+# or prints, no [gcode_macro] may stand in for them.
+GUARDED_COMMANDS = (
+    'G0', 'G1', 'G2', 'G3', 'G10', 'G11', 'G92', 'G90', 'G91', 'M82', 'M83',
+    'M204', 'M220', 'M221', 'SET_VELOCITY_LIMIT', 'SET_PRESSURE_ADVANCE',
+    'SET_RETRACTION', 'SDCARD_PRINT_FILE', 'M23')
+# Status objects that carry the toolhead position, and the rate at which the
+# UI's subscription shows them: API queries get them no faster.
+STATUS_INTERVAL = .250
+STATUS_OBJECTS = ('toolhead', 'gcode_move', 'motion_report')
+# The trapq and step history Klipper keeps (MOVE_HISTORY_EXPIRE is 30 s):
+# motion dumps stay silent that long after an encrypted print ended.
+LOCKDOWN_GRACE = 35.
+# Every memfd registered in this klippy process, RESTART included: one
+# decryption is registered once.
+_REGISTERED = set()
 
 
 class ShutdownRead(IOError):
@@ -56,14 +79,25 @@ class _GuardedBuffer(io.BufferedReader):
         return io.BufferedReader.readinto1(self, b)
 
 
+class _Text(io.TextIOWrapper):
+    # Remembers a read that failed, so the print ends as an error (not as a
+    # "paused" print stuck at that byte).
+    read_error = None
+    def read(self, *args):
+        try:
+            return io.TextIOWrapper.read(self, *args)
+        except UnicodeDecodeError as e:
+            self.read_error = "%s at byte %d of a read" % (e.reason, e.start)
+            raise
+
+
 class _Registration:
     def __init__(self, name, path, fd, size, printer, expires):
         self.name = name
         self.size = size
         self.expires = expires
         raw = _MemfdRaw(fd, path, printer)
-        self.file = io.TextIOWrapper(_GuardedBuffer(raw), encoding='utf-8',
-                                     newline='')
+        self.file = _Text(_GuardedBuffer(raw), encoding='utf-8', newline='')
     def close(self):
         try:
             self.file.close()
@@ -82,12 +116,244 @@ class _RedactingGCode:
     def __getattr__(self, name):
         return getattr(self._gcode, name)
     def run_script(self, script):
+        self._bridge.note_line()
         try:
             self._gcode.run_script(script)
-        except self._gcode.error:
-            if self._bridge.streaming():
+        except self._gcode.error as e:
+            if self._bridge.streaming() and not self._bridge.is_own(e):
                 raise self._gcode.error(self._bridge.redacted_error())
             raise
+
+
+def _owner(func, depth=0):
+    # The object whose method handles a command (through register_command's
+    # wrapper for extended commands).
+    if func is None or depth > 3:
+        return None
+    obj = getattr(func, '__self__', None)
+    if obj is not None:
+        return obj
+    for cell in getattr(func, '__closure__', None) or ():
+        try:
+            val = cell.cell_contents
+        except ValueError:
+            continue
+        if callable(val):
+            obj = _owner(val, depth + 1)
+            if obj is not None:
+                return obj
+    return None
+
+
+def _is_template(obj):
+    return (hasattr(obj, 'run_gcode_from_command') and hasattr(obj, 'render')
+            and hasattr(obj, 'template'))
+
+
+def _sandboxed(tw):
+    env = getattr(tw.template, 'environment', None)
+    return bool(getattr(env, 'sandboxed', False))
+
+
+class _Lockdown:
+    # What an encrypted print needs from the rest of Klipper: macro templates
+    # that cannot run code, no macro in place of a command that carries the
+    # part's geometry, no move stream, and status no finer than the UI's.
+    def __init__(self, config, bridge):
+        self.printer = config.get_printer()
+        self.reactor = self.printer.get_reactor()
+        self.bridge = bridge
+        self.builtin = set()
+        self.slow = False
+        self.history_floor = 0.
+        self.status_cache = {}
+        gm = self.printer.load_object(config, 'gcode_macro')
+        self.env = self._sandbox(gm.env)
+        gm.env = self.env
+        # Templates compiled before this section loaded: compile them again
+        # from printer.cfg, in the sandbox.
+        for tw in self._templates():
+            if not _sandboxed(tw):
+                self._recompile(config, tw)
+        self.printer.register_event_handler("klippy:ready", self._install)
+    def _sandbox(self, env):
+        sandbox = importlib.import_module('jinja2.sandbox')
+        senv = sandbox.SandboxedEnvironment(
+            block_start_string=env.block_start_string,
+            block_end_string=env.block_end_string,
+            variable_start_string=env.variable_start_string,
+            variable_end_string=env.variable_end_string,
+            comment_start_string=env.comment_start_string,
+            comment_end_string=env.comment_end_string,
+            line_statement_prefix=env.line_statement_prefix,
+            line_comment_prefix=env.line_comment_prefix,
+            trim_blocks=env.trim_blocks, lstrip_blocks=env.lstrip_blocks,
+            keep_trailing_newline=env.keep_trailing_newline,
+            extensions=list(env.extensions), undefined=env.undefined,
+            finalize=env.finalize)
+        senv.filters.update(env.filters)
+        senv.tests.update(env.tests)
+        senv.globals.update(env.globals)
+        return senv
+    def _recompile(self, config, tw):
+        section, _, option = tw.name.rpartition(':')
+        script = None
+        if section and config.has_section(section):
+            script = config.getsection(section).get(option, None)
+        if script is None:
+            # Not from printer.cfg: a default written in Klipper's code.
+            self.builtin.add(id(tw))
+            return
+        tw.template = self.env.from_string(script)
+    def _templates(self):
+        # Every template wrapper reachable from a printer object (macros,
+        # delayed_gcode, on_error_gcode, idle_timeout, display, menu...).
+        seen = set()
+        todo = [(obj, 0) for name, obj in self.printer.lookup_objects()]
+        while todo:
+            obj, depth = todo.pop()
+            if id(obj) in seen or depth > 4 or len(seen) > 50000:
+                continue
+            seen.add(id(obj))
+            if _is_template(obj):
+                yield obj
+                continue
+            if isinstance(obj, dict):
+                vals = list(obj.values())
+            elif isinstance(obj, (list, tuple)):
+                vals = list(obj)
+            elif (hasattr(obj, '__dict__') and not callable(obj)
+                  and obj is not self.printer and obj is not self.reactor):
+                try:
+                    vals = list(vars(obj).values())
+                except TypeError:
+                    continue
+            else:
+                continue
+            todo.extend((v, depth + 1) for v in vals
+                        if not isinstance(v, (str, bytes, int, float)))
+    # The checks made at registration and again at the start
+    def problem(self):
+        gcode = self.printer.lookup_object('gcode')
+        handlers = getattr(gcode, 'ready_gcode_handlers', {})
+        macros = {id(obj): name for name, obj
+                  in self.printer.lookup_objects('gcode_macro')}
+        for cmd in GUARDED_COMMANDS:
+            name = macros.get(id(_owner(handlers.get(cmd))))
+            if name is not None:
+                return ("[%s] stands in for %s, which carries the part's"
+                        " geometry, process or start: an encrypted file does"
+                        " not print while a macro overrides it (remove its"
+                        " rename_existing or the macro)" % (name, cmd))
+        for tw in self._templates():
+            if not _sandboxed(tw) and id(tw) not in self.builtin:
+                return ("the template %s is not sandboxed: it was compiled"
+                        " outside [encrypted_file_bridge]'s sandbox; restart"
+                        " Klipper, and report this if it persists"
+                        % (tw.name,))
+        return None
+    # Installed once everything is loaded
+    def _install(self):
+        webhooks = self.printer.lookup_object('webhooks')
+        orig_get_callback = webhooks.get_callback
+        def get_callback(path):
+            return self._guard_endpoint(path, orig_get_callback(path))
+        webhooks.get_callback = get_callback
+        mr = self.printer.lookup_object('motion_report', None)
+        if mr is not None:
+            dumps = (list(getattr(mr, 'steppers', {}).values())
+                     + list(getattr(mr, 'trapqs', {}).values()))
+            for dump in dumps:
+                for hname in ('batch_bulk', 'api_dump'):
+                    helper = getattr(dump, hname, None)
+                    for cbname in ('batch_cb', 'data_cb'):
+                        cb = getattr(helper, cbname, None)
+                        if cb is not None:
+                            setattr(helper, cbname, self._silenced(cb))
+            if hasattr(mr, '_dump_shutdown'):
+                mr._dump_shutdown = self._quiet(
+                    mr._dump_shutdown, "motion_report shutdown dump", None)
+        for name, mcu in self.printer.lookup_objects('mcu'):
+            serial = getattr(mcu, '_serial', None)
+            if serial is not None and hasattr(serial, 'dump_debug'):
+                serial.dump_debug = self._quiet(
+                    serial.dump_debug, "serial queues of %s" % (name,), "")
+        for name in STATUS_OBJECTS:
+            obj = self.printer.lookup_object(name, None)
+            if obj is not None and hasattr(obj, 'get_status'):
+                obj.get_status = self._slow_status(name, obj.get_status)
+        # A macro the file runs sees the position as it is; any other (the
+        # console, a delayed_gcode) sees it as the UI does.
+        for tw in self._templates():
+            tw.render = self._slowly(
+                tw.render, lambda: not self.bridge.vsd.is_cmd_from_sd())
+    def _guard_endpoint(self, path, cb):
+        last = path.rsplit('/', 1)[-1]
+        if last.startswith('dump_'):
+            def refused(web_request):
+                if self.bridge.locked():
+                    raise self.printer.command_error(
+                        "%s is refused while an encrypted file prints (it"
+                        " streams the moves)" % (path,))
+                return cb(web_request)
+            return refused
+        if path in ('objects/query', 'objects/subscribe'):
+            return self._slowly(cb, lambda: True)
+        return cb
+    def _slowly(self, func, when):
+        # While func runs (it never pauses), the position-carrying status
+        # objects answer from a copy at most STATUS_INTERVAL old.
+        def call(*args, **kwargs):
+            prev = self.slow
+            self.slow = prev or (self.bridge.locked() and when())
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.slow = prev
+        return call
+    def _slow_status(self, name, get_status):
+        def status(*args):
+            if not self.slow:
+                return get_status(*args)
+            now = self.reactor.monotonic()
+            hit = self.status_cache.get(name)
+            if hit is None or not hit[0] <= now < hit[0] + STATUS_INTERVAL:
+                hit = self.status_cache[name] = (now, get_status(*args))
+            return hit[1]
+        return status
+    def _silenced(self, cb):
+        # The batch still runs, so the stream's cursor moves on; and nothing
+        # that moved before the lockdown ended comes out afterwards (a
+        # stream started later begins with Klipper's move history).
+        def batch(eventtime):
+            msg = cb(eventtime)
+            if not msg or self.bridge.locked():
+                return {}
+            floor = self.history_floor
+            if msg.get('first_step_time', floor) < floor:
+                return {}
+            if 'first_step_time' not in msg and 'data' in msg:
+                data = [d for d in msg['data'] if d[0] >= floor]
+                if not data:
+                    return {}
+                msg = dict(msg, data=data)
+            return msg
+        return batch
+    def note_released(self):
+        # Moves queued up to now belong to the encrypted print.
+        toolhead = self.printer.lookup_object('toolhead', None)
+        try:
+            self.history_floor = toolhead.get_last_move_time()
+        except Exception:
+            logging.exception("encrypted_file_bridge: last move time")
+    def _quiet(self, func, what, result):
+        def quiet(*args):
+            if self.bridge.locked():
+                logging.info("encrypted_file_bridge: %s not logged (an"
+                             " encrypted file was printing)", what)
+                return result
+            return func(*args)
+        return quiet
 
 
 class EncryptedFileBridge:
@@ -96,6 +362,11 @@ class EncryptedFileBridge:
         self.reactor = self.printer.get_reactor()
         self.timeout = config.getfloat('registration_timeout', 120.,
                                        minval=5.)
+        self.prepare_timeout = config.getfloat('prepare_timeout', 660.,
+                                               minval=5.)
+        self.gcode = self.printer.lookup_object('gcode')
+        # Before virtual_sdcard, so its on_error_gcode is sandboxed too.
+        self.lockdown = _Lockdown(config, self)
         try:
             self.vsd = self.printer.load_object(config, 'virtual_sdcard')
         except config.error as e:
@@ -108,23 +379,33 @@ class EncryptedFileBridge:
                 " virtual_sdcard has no _load_file" % (version,))
         self.sdcard_dirname = self.vsd.sdcard_dirname
         self.registrations = {}
+        self.waiting = {}
         self.active = None
-        self.orig_load_file = self.vsd._load_file
-        self.vsd._load_file = self._load_file
-        self.gcode = self.printer.lookup_object('gcode')
-        self.vsd.gcode = _RedactingGCode(self.vsd.gcode, self)
+        self.furthest = 0
+        self.unlock_time = 0.
+        self.own_error = None
+        vsd = self.vsd
+        self.orig_load_file = vsd._load_file
+        vsd._load_file = self._load_file
+        self.orig_set_file_position = vsd.set_file_position
+        vsd.set_file_position = self._set_file_position
+        self.orig_do_resume = vsd.do_resume
+        vsd.do_resume = self._do_resume
+        vsd.gcode = _RedactingGCode(vsd.gcode, self)
         self.orig_respond_error = getattr(self.gcode, '_respond_error', None)
         if self.orig_respond_error is not None:
             self.gcode._respond_error = self._respond_error
         else:
             logging.warning("encrypted_file_bridge: cannot redact G-code"
                             " errors on this Klipper version")
-        self.gcode.register_command(
-            'REGISTER_ENCRYPTED_FILE', self.cmd_REGISTER_ENCRYPTED_FILE,
-            desc=self.cmd_REGISTER_ENCRYPTED_FILE_help)
+        self.orig_M26 = self.gcode.register_command('M26', None)
+        self.gcode.register_command('M26', self.cmd_M26)
         self.gcode.register_command(
             'UNREGISTER_ENCRYPTED_FILE', self.cmd_UNREGISTER_ENCRYPTED_FILE,
             desc=self.cmd_UNREGISTER_ENCRYPTED_FILE_help)
+        webhooks = self.printer.lookup_object('webhooks')
+        webhooks.register_endpoint(REGISTER_ENDPOINT, self._handle_register)
+        webhooks.register_endpoint(REFUSE_ENDPOINT, self._handle_refuse)
         self.timer = self.reactor.register_timer(self._check_timer)
         self.printer.register_event_handler("klippy:shutdown",
                                             self._handle_shutdown)
@@ -137,41 +418,57 @@ class EncryptedFileBridge:
             'registered': sorted(self.registrations),
             'active': active.name if active is not None else None,
             'active_size': active.size if active is not None else 0,
+            'locked': self.locked(eventtime),
         }
+    def locked(self, eventtime=None):
+        if self.registrations or self.waiting or self.active is not None:
+            return True
+        if eventtime is None:
+            eventtime = self.reactor.monotonic()
+        return eventtime < self.unlock_time
     def streaming(self):
         return (self.active is not None and self.vsd.current_file is
                 self.active.file and self.vsd.is_cmd_from_sd())
+    def note_line(self):
+        # virtual_sdcard is about to run a line of the file: everything up
+        # to the end of that line has been executed.
+        if self.streaming():
+            self.furthest = max(self.furthest, self.vsd.next_file_position)
     def redacted_error(self):
         return ("Error in encrypted file %s near byte %d (the line is not"
                 " shown, to keep the file secret)"
                 % (self.active.name, self.vsd.file_position))
+    def is_own(self, msg):
+        # The bridge's own refusals name no content of the file.
+        return str(msg) == self.own_error
     def _respond_error(self, msg):
-        if self.streaming():
+        if self.streaming() and not self.is_own(msg):
             msg = self.redacted_error()
         self.orig_respond_error(msg)
     # Name handling, as virtual_sdcard matches names
-    def _normalize(self, gcmd, filename):
+    def _normalize(self, filename):
+        error = self.printer.command_error
         if filename.startswith('/'):
             filename = filename[1:]
         if (not filename or '\0' in filename or '\n' in filename
                 or '\r' in filename):
-            raise gcmd.error("Invalid FILENAME %r" % (filename,))
+            raise error("Invalid FILENAME %r" % (filename,))
         parts = filename.split('/')
         if filename.startswith('/') or '..' in parts or '' in parts:
-            raise gcmd.error(
+            raise error(
                 "FILENAME %r must name a file inside the virtual_sdcard"
                 " folder, without '..' or empty path parts" % (filename,))
         if not filename.lower().endswith(VALID_EXTS):
-            raise gcmd.error("FILENAME %r is not a G-code file (.gcode, .g,"
-                             " .gco)" % (filename,))
+            raise error("FILENAME %r is not a G-code file (.gcode, .g,"
+                        " .gco)" % (filename,))
         return filename
-    def _disk_path(self, gcmd, filename, check_subdirs):
+    def _disk_path(self, filename, check_subdirs):
         # Resolve a name like virtual_sdcard does: exact, then any case.
         try:
             files = self.vsd.get_file_list(check_subdirs)
         except (OSError, IOError) as e:
-            raise gcmd.error("Unable to list the virtual_sdcard folder: %s"
-                             % (e,))
+            raise self.printer.command_error(
+                "Unable to list the virtual_sdcard folder: %s" % (e,))
         names = [f[0] for f in files]
         if filename not in names:
             lower = {n.lower(): n for n in names}
@@ -187,90 +484,153 @@ class EncryptedFileBridge:
         except (OSError, IOError):
             return False
         return head.startswith(MAGIC) or head == ARMOR
-    def _find(self, filename):
-        reg = self.registrations.get(filename)
-        if reg is None:
-            for name in self.registrations:
-                if name.lower() == filename.lower():
-                    return self.registrations[name]
-        return reg
-    # Commands
-    cmd_REGISTER_ENCRYPTED_FILE_help = (
-        "Register a sealed memfd holding a decrypted file (used by Moonraker's"
-        " encrypted_print)")
-    def cmd_REGISTER_ENCRYPTED_FILE(self, gcmd):
-        if self.vsd.is_cmd_from_sd():
-            raise gcmd.error("REGISTER_ENCRYPTED_FILE cannot be run from a"
-                             " file being printed")
-        filename = self._normalize(gcmd, gcmd.get('FILENAME'))
-        pid = gcmd.get_int('PID', minval=1)
-        fdnum = gcmd.get_int('FD', minval=0)
-        size = gcmd.get_int('SIZE', minval=0)
-        token = gcmd.get('TOKEN')
+    def _find(self, table, filename):
+        if filename in table:
+            return filename
+        for name in table:
+            if name.lower() == filename.lower():
+                return name
+        return None
+    # Registration: an API endpoint, so that nothing of it is G-code (no
+    # console line, no gcode_store entry, no macro in between)
+    def _peer_pid(self, web_request):
+        try:
+            sock = web_request.get_client_connection().sock
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                   struct.calcsize('3i'))
+        except (AttributeError, OSError):
+            return None
+        return struct.unpack('3i', cred)[0]
+    def _handle_register(self, web_request):
+        error = self.printer.command_error
+        filename = self._normalize(web_request.get_str('filename'))
+        pid = web_request.get_int('pid')
+        fdnum = web_request.get_int('fd')
+        size = web_request.get_int('size')
+        token = web_request.get_str('token')
+        if fdnum < 0 or size < 0:
+            raise error("fd and size must not be negative")
         if not TOKEN_RE.match(token):
-            raise gcmd.error("TOKEN must be encprint- and 1-32 of [0-9a-z]")
-        path = self._disk_path(gcmd, filename, True)
+            raise error("token must be encprint- and 1-32 of [0-9a-z]")
+        peer = self._peer_pid(web_request)
+        if pid == os.getpid() or pid != peer:
+            raise error("pid %d is not the process that sent this request:"
+                        " only the process holding the memfd registers it"
+                        % (pid,))
+        path = self._disk_path(filename, True)
         if path is None or not self._is_encrypted(path):
-            raise gcmd.error("%s is not an encrypted file in the"
-                             " virtual_sdcard folder" % (filename,))
+            raise error("%s is not an encrypted file in the virtual_sdcard"
+                        " folder" % (filename,))
+        problem = self.lockdown.problem()
+        if problem is not None:
+            raise error("cannot print %s: %s" % (filename, problem))
         proc_path = "/proc/%d/fd/%d" % (pid, fdnum)
         try:
             fd = os.open(proc_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise gcmd.error("Unable to open %s: %s" % (proc_path,
-                                                        e.strerror))
+            raise error("Unable to open %s: %s" % (proc_path, e.strerror))
         try:
-            # Checked on our own descriptor, so the fd number cannot have
-            # been reused in between.
-            link = os.readlink("/proc/self/fd/%d" % (fd,))
-            if link != "/memfd:%s (deleted)" % (token,):
-                raise gcmd.error("PID=%d FD=%d is not the memfd %s (it is %s)"
-                                 % (pid, fdnum, token, link))
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise gcmd.error("PID=%d FD=%d is not a regular file"
-                                 % (pid, fdnum))
-            seals = fcntl.fcntl(fd, F_GET_SEALS)
-            if seals & ALL_SEALS != ALL_SEALS:
-                raise gcmd.error("The memfd is not sealed against writes and"
-                                 " resizing (seals 0x%x)" % (seals,))
-            if st.st_size != size:
-                raise gcmd.error("The memfd has %d bytes, SIZE=%d"
-                                 % (st.st_size, size))
-            reg = _Registration(filename, path, fd, size, self.printer,
-                                self.reactor.monotonic() + self.timeout)
-        except OSError as e:
-            os.close(fd)
-            raise gcmd.error("Unable to check %s: %s" % (proc_path,
-                                                         e.strerror))
+            reg = self._check_memfd(fd, pid, fdnum, token, size, filename,
+                                    path)
         except Exception:
             os.close(fd)
             raise
         old = self.registrations.pop(filename, None)
         if old is not None:
             old.close()
+        waiter = self._find(self.waiting, filename)
+        if waiter is not None:
+            # A console or macro start is waiting for exactly this file.
+            self.waiting.pop(waiter).complete(reg)
+            web_request.send({'consumed': True})
+            return
         self.registrations[filename] = reg
         self.reactor.update_timer(self.timer, self.reactor.NOW)
-        gcmd.respond_info("Encrypted file %s registered (%d bytes)"
-                          % (filename, size), log=False)
+        web_request.send({'consumed': False})
+    def _check_memfd(self, fd, pid, fdnum, token, size, filename, path):
+        # Checked on our own descriptor, so the fd number cannot have been
+        # reused in between. The refusals never say what the descriptor is.
+        error = self.printer.command_error
+        try:
+            link = os.readlink("/proc/self/fd/%d" % (fd,))
+            st = os.fstat(fd)
+            seals = fcntl.fcntl(fd, F_GET_SEALS)
+        except OSError as e:
+            raise error("pid %d fd %d is not the memfd named by token (%s)"
+                        % (pid, fdnum, e.strerror))
+        if link != "/memfd:%s (deleted)" % (token,) or not stat.S_ISREG(
+                st.st_mode):
+            raise error("pid %d fd %d is not the memfd named by token"
+                        % (pid, fdnum))
+        key = (st.st_dev, st.st_ino)
+        if key in _REGISTERED:
+            raise error("this memfd was registered before: one decryption"
+                        " prints once; start the print again from Moonraker")
+        if seals & ALL_SEALS != ALL_SEALS:
+            raise error("The memfd is not sealed against writes and"
+                        " resizing (seals 0x%x)" % (seals,))
+        if st.st_size != size:
+            raise error("The memfd has %d bytes, size=%d"
+                        % (st.st_size, size))
+        _REGISTERED.add(key)
+        return _Registration(filename, path, fd, size, self.printer,
+                             self.reactor.monotonic() + self.timeout)
+    def _handle_refuse(self, web_request):
+        # Moonraker could not prepare a file a console start waits for.
+        filename = web_request.get_str('filename')
+        message = web_request.get_str('message')
+        waiter = self._find(self.waiting, filename)
+        if waiter is not None:
+            self.waiting.pop(waiter).complete(message)
+        web_request.send({})
     cmd_UNREGISTER_ENCRYPTED_FILE_help = "Drop a registered encrypted file"
     def cmd_UNREGISTER_ENCRYPTED_FILE(self, gcmd):
         filename = gcmd.get('FILENAME', None)
         names = list(self.registrations) if filename is None else [
-            self._normalize(gcmd, filename)]
+            self._normalize(filename)]
         for name in names:
             reg = self.registrations.pop(name, None)
             if reg is not None:
                 reg.close()
+    # One counted print runs the file once
+    def _ran_to(self, pos):
+        return (self.active is not None
+                and self.vsd.current_file is self.active.file
+                and pos < self.furthest)
+    def _refuse_back(self, what, pos):
+        self.own_error = (
+            "%s refused: encrypted file %s already ran to byte %d and one"
+            " decryption prints once, so it cannot go back to byte %d"
+            " (resume continues where it paused)"
+            % (what, self.active.name, self.furthest, pos))
+        return self.printer.command_error(self.own_error)
+    def cmd_M26(self, gcmd):
+        pos = gcmd.get_int('S', minval=0)
+        if self._ran_to(pos):
+            raise self._refuse_back("M26", pos)
+        self.orig_M26(gcmd)
+    def _set_file_position(self, pos):
+        if self._ran_to(pos):
+            raise self._refuse_back("A loop back into the file", pos)
+        self.orig_set_file_position(pos)
+    def _do_resume(self):
+        if self._ran_to(self.vsd.file_position):
+            raise self._refuse_back("Resume", self.vsd.file_position)
+        self.orig_do_resume()
     # virtual_sdcard hook
     def _load_file(self, gcmd, filename, check_subdirs=False):
-        reg = self._find(filename)
-        if reg is None:
-            path = self._disk_path(gcmd, filename, check_subdirs)
-            if path is not None and self._is_encrypted(path):
-                self._ask_moonraker(gcmd, filename, check_subdirs)
-            return self.orig_load_file(gcmd, filename, check_subdirs)
-        del self.registrations[reg.name]
+        name = self._find(self.registrations, filename)
+        if name is not None:
+            reg = self.registrations.pop(name)
+        else:
+            path = self._disk_path(filename, check_subdirs)
+            if path is None or not self._is_encrypted(path):
+                return self.orig_load_file(gcmd, filename, check_subdirs)
+            reg = self._prepare(gcmd, filename, check_subdirs)
+        problem = self.lockdown.problem()
+        if problem is not None:
+            reg.close()
+            raise gcmd.error("cannot print %s: %s" % (filename, problem))
         try:
             reg.file.seek(0, os.SEEK_END)
             fsize = reg.file.tell()
@@ -287,25 +647,41 @@ class EncryptedFileBridge:
         vsd.file_size = fsize
         vsd.print_stats.set_current_file(filename)
         self.active = reg
+        self.furthest = 0
+        # Kalico's virtual_sdcard sends this after loading a file (its menu
+        # listens); upstream Klipper has no handler, so it is a no-op there.
         self.printer.send_event("virtual_sdcard:load_file")
         self.reactor.update_timer(self.timer, self.reactor.NOW)
-    def _ask_moonraker(self, gcmd, filename, check_subdirs):
-        # Never stream ciphertext: ask Moonraker to decrypt and start it.
-        start = bool(check_subdirs)   # SDCARD_PRINT_FILE, not M23
-        webhooks = self.printer.lookup_object('webhooks')
+    def _prepare(self, gcmd, filename, check_subdirs):
+        # A console, macro or M23 start of an encrypted file: Moonraker
+        # decrypts and registers it while this command waits, so the rest of
+        # the script runs as it would for a clear file.
+        if self._find(self.waiting, filename) is not None:
+            raise gcmd.error("%s is already being prepared" % (filename,))
+        waiter = self.reactor.completion()
+        self.waiting[filename] = waiter
         try:
-            webhooks.call_remote_method(REMOTE_METHOD, filename=filename,
-                                        start=start)
-        except self.printer.command_error:
-            raise gcmd.error(
-                "%s is encrypted and Moonraker's encrypted_print component is"
-                " not connected to prepare it: check [encrypted_print] in"
-                " moonraker.conf, then start the print from Mainsail or"
-                " Fluidd" % (filename,))
-        raise gcmd.error(
-            "%s is encrypted: Moonraker is decrypting it and will %s"
-            % (filename, "start the print" if start else "select it (then"
-               " send M24)"))
+            webhooks = self.printer.lookup_object('webhooks')
+            try:
+                webhooks.call_remote_method(REMOTE_METHOD, filename=filename,
+                                            start=bool(check_subdirs))
+            except self.printer.command_error:
+                raise gcmd.error(
+                    "%s is encrypted and Moonraker's encrypted_print component"
+                    " is not connected to prepare it: check [encrypted_print]"
+                    " in moonraker.conf" % (filename,))
+            deadline = self.reactor.monotonic() + self.prepare_timeout
+            res = waiter.wait(deadline, None)
+        finally:
+            if self.waiting.get(filename) is waiter:
+                del self.waiting[filename]
+        if res is None:
+            raise gcmd.error("Moonraker did not prepare encrypted file %s"
+                             " within %.0f s" % (filename,
+                                                  self.prepare_timeout))
+        if isinstance(res, str):
+            raise gcmd.error(res)
+        return res
     # Lifetime
     def _release_active(self):
         if self.active is not None:
@@ -313,6 +689,7 @@ class EncryptedFileBridge:
                 self.vsd.current_file = None
             self.active.close()
             self.active = None
+            self._ended(self.reactor.monotonic())
     def _check_timer(self, eventtime):
         for name, reg in list(self.registrations.items()):
             if eventtime >= reg.expires:
@@ -327,22 +704,38 @@ class EncryptedFileBridge:
                 # virtual_sdcard closed it (end, cancel, reset, new print)
                 active.close()
                 self.active = None
+                self._ended(eventtime)
+            elif self.vsd.work_timer is None and active.file.read_error:
+                # Not a pause: the print cannot go on; end it as an error
+                # the UI shows, so it can be started (or cancelled) again.
+                msg = ("Encrypted file %s cannot be read after byte %d (%s):"
+                       " it is not UTF-8 G-code" % (
+                           active.name, self.vsd.file_position,
+                           active.file.read_error))
+                self._release_active()
+                self.vsd.print_stats.note_error(msg)
+                self.gcode.respond_raw("!! " + msg)
             elif (self.vsd.work_timer is None
                   and ps.get('state') == 'error'):
                 self._release_active()
         if not self.registrations and self.active is None:
             return self.reactor.NEVER
         return eventtime + 1.
+    def _ended(self, eventtime):
+        self.unlock_time = eventtime + LOCKDOWN_GRACE
+        self.lockdown.note_released()
     def _handle_shutdown(self):
         for reg in self.registrations.values():
             reg.close()
         self.registrations.clear()
         if self.active is not None:
             self.active.close()
+        self.unlock_time = self.reactor.monotonic() + LOCKDOWN_GRACE
+        for waiter in list(self.waiting.values()):
+            waiter.complete("Klipper shut down")
     def _release_all(self):
         self._handle_shutdown()
         self.active = None
-
 
 def load_config(config):
     return EncryptedFileBridge(config)

@@ -35,10 +35,10 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
-from ..common import RequestType, TransportType
+from ..common import RequestType, TransportType, WebRequest
 
 if TYPE_CHECKING:
-    from ..common import UserInfo, WebRequest
+    from ..common import UserInfo
     from ..confighelper import ConfigHelper
     from ..server import Server
     from .database import NamespaceWrapper
@@ -69,8 +69,11 @@ REQUIRED_SEALS = 0x1 | 0x2 | 0x4 | 0x8  # F_SEAL_SEAL|SHRINK|GROW|WRITE
 MEMFD_TOKEN_PREFIX = "encprint-"
 MEMFD_LINK = "/memfd:{token} (deleted)"
 BRIDGE_OBJECT = "encrypted_file_bridge"
-REGISTER_COMMAND = "REGISTER_ENCRYPTED_FILE"
-REGISTER_PARAMS = ("FILENAME", "PID", "FD", "SIZE", "TOKEN")
+REGISTER_ENDPOINT = "encrypted_file_bridge/register"
+REGISTER_PARAMS = ("filename", "pid", "fd", "size", "token")
+REGISTER_REPLY = "consumed"
+REFUSE_ENDPOINT = "encrypted_file_bridge/refuse"
+REFUSE_PARAMS = ("filename", "message")
 UNREGISTER_COMMAND = "UNREGISTER_ENCRYPTED_FILE"
 REMOTE_METHOD = "encrypted_print_prepare"
 PUBLISHER_KEY_RE = re.compile(r"^encprint-pub:[A-Za-z0-9+/]{43}$")
@@ -144,13 +147,6 @@ def is_encrypted_file(path: str) -> bool:
     except OSError:
         return False
     return head.startswith(AGE_MAGIC) or head == AGE_ARMOR
-
-
-def register_line(filename: str, pid: int, fd: int, size: int, token: str) -> str:
-    """The REGISTER_ENCRYPTED_FILE command for a memfd this process holds."""
-    values = (f'"{gcode_quote(filename)}"', pid, fd, size, token)
-    args = " ".join(f"{k}={v}" for k, v in zip(REGISTER_PARAMS, values))
-    return f"{REGISTER_COMMAND} {args}"
 
 
 def gcode_quote(name: str) -> str:
@@ -1094,8 +1090,9 @@ class PrintStarter:
     def _path(self, name: str) -> str:
         return str(self.file_manager.get_full_path("gcodes", name))
 
-    async def prepare(self, name: str, user: Optional[UserInfo]) -> None:
-        """Check everything, decrypt, and register the memfd with Klipper."""
+    async def prepare(self, name: str, user: Optional[UserInfo]) -> bool:
+        """Check everything, decrypt, and register the memfd with Klipper.
+        True when a console start waiting in Klipper took the registration."""
         # First: from here on messages name the file, and they are echoed to
         # Klipper's console; a newline in a name would be a G-code line.
         if UNSENDABLE.search(name):
@@ -1109,10 +1106,11 @@ class PrintStarter:
             await self._check_printer(name)
             res = await self._authorise(name)
             df = await self._decrypt(name, res)
-            await self._register(name, df)
+            consumed = await self._register(name, df)
             self.jobs.begin(name, df, user)
             logging.info(f"encrypted_print: {name} decrypted ({df.size} bytes in "
                          f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
+            return consumed
 
     async def _check_printer(self, name: str) -> None:
         """The printer can take an encrypted print now."""
@@ -1177,18 +1175,25 @@ class PrintStarter:
                 raise PrintRefused(f"cannot print {name}: {e.message}") from None
         return df
 
-    async def _register(self, name: str, df: DecryptedFile) -> None:
-        # If Klipper answers after the timeout, its registration names a
-        # TOKEN that no other memfd has: it fails there.
-        line = register_line(name, os.getpid(), df.fd, df.size, df.memfd_name)
+    async def _register(self, name: str, df: DecryptedFile) -> bool:
+        """Hand the memfd to Klipper: an API request, not G-code, so nothing
+        of it reaches the console, gcode_store or a macro (ADR-009). True when
+        a console start waiting in Klipper took it."""
+        values = (name, os.getpid(), df.fd, df.size, df.memfd_name)
         try:
-            await self._klipper(name, self.kapis.run_gcode(line))
+            reply = await self._klipper(name, self.bridge_request(
+                REGISTER_ENDPOINT, dict(zip(REGISTER_PARAMS, values))))
+            return bool((reply or {}).get(REGISTER_REPLY))
         except PrintRefused:
             df.close()
             raise
         except Exception as e:
             df.close()
             raise PrintRefused(f"Klipper refused {name}: {e}") from None
+
+    async def bridge_request(self, endpoint: str, params: Dict[str, Any]) -> Any:
+        """A request to the bridge's endpoints over Klipper's API socket."""
+        return await self.kconn.request(WebRequest(endpoint, params))
 
     async def _klipper(self, name: str, request: Awaitable[Any]) -> Any:
         """A request to Klipper on a start path, bounded by klipper_timeout."""
@@ -1229,25 +1234,29 @@ class PrintStarter:
         self.eventloop.create_task(self._remote_prepare(filename, bool(start)))
 
     async def _remote_prepare(self, filename: str, start: bool) -> None:
+        """SDCARD_PRINT_FILE or M23 waits in Klipper while this decrypts and
+        registers the file; the waiting command then loads it, so the rest
+        of the script or macro runs as for a clear file."""
         try:
-            if start:
-                await self.start_print(filename)
-                return
-            await self.prepare(filename, None)
-            try:
-                await self.kapis.run_gcode(f"M23 {filename}")
-            except Exception as e:
-                await self.jobs.abort(filename)
-                self.report_error(f"Klipper refused to select {filename}: {e}")
-                return
-            await self.jobs.started(filename)  # the user's M24 runs it
-        except self.server.error:
-            pass  # already reported
-        except PrintRefused as e:
-            self.report_error(str(e))
+            consumed = await self.prepare(filename, None)
         except Exception as e:
-            logging.exception("encrypted_print: remote prepare")
-            self.report_error(f"cannot prepare {filename}: {e}")
+            msg = str(e) if isinstance(e, PrintRefused) else f"cannot prepare {filename}: {e}"
+            if not isinstance(e, PrintRefused):
+                logging.exception("encrypted_print: remote prepare")
+            # The waiting command fails with this message in the console.
+            logging.warning(f"encrypted_print: {msg!r}")
+            self.server.send_event("encrypted_print:error", {"message": msg})
+            try:
+                await self.bridge_request(REFUSE_ENDPOINT, dict(zip(REFUSE_PARAMS,
+                                                                    (filename, msg))))
+            except self.server.error:
+                pass  # Klipper is gone; its command ended with it
+            return
+        if not consumed:
+            await self.jobs.abort(filename)
+            self.report_error(f"Klipper stopped waiting for {filename}; start it again")
+            return
+        await self.jobs.started(filename)
 
 
 class OwnerPage:

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from stack import Stack  # noqa: E402
+from stack import TOOLPATH_CANARIES, TOOLPATH_LEAKS, Stack, toolpath_hits  # noqa: E402
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -112,16 +112,21 @@ def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
     under the test roots (data folders, logs, databases, .thumbs) or in the
     system's temp folders."""
     yield
-    if not SECRET_CANARIES:
+    assert not TOOLPATH_LEAKS, ("toolpath of an encrypted file in an API response or "
+                                "websocket message:\n" + "\n".join(TOOLPATH_LEAKS[:20]))
+    if not SECRET_CANARIES and not TOOLPATH_CANARIES:
         return
     roots = [tmp_path_factory.getbasetemp(), pathlib.Path(tempfile.gettempdir()),
              pathlib.Path("/dev/shm")]
     found = []
     for p in regular_files(*roots):
         try:
-            hits = set(CANARY_RE.findall(p.read_bytes())) & SECRET_CANARIES
+            data = p.read_bytes()
         except OSError:
             continue
+        hits = set(CANARY_RE.findall(data)) & SECRET_CANARIES
+        hits |= toolpath_hits(data)
         if hits:
             found.append(f"{p}: {sorted(hits)[:2]}")
-    assert not found, "cleartext of encrypted files found on disk:\n" + "\n".join(found)
+    assert not found, ("cleartext or toolpath of encrypted files found on disk:\n"
+                       + "\n".join(found))

@@ -5,6 +5,7 @@ canary line so tests can prove its cleartext never reached the disk."""
 from __future__ import annotations
 
 import base64
+import random
 import struct
 import uuid
 import zlib
@@ -85,3 +86,32 @@ def big_gcode(lines: int, canary: Optional[str] = None) -> bytes:
     head = f"; {canary}\nG90\nG1 X0 Y0 Z1 F6000\n"
     body = "".join(f"G1 X{(i % 97) + 1} Y{(i % 89) + 1} F6000\n" for i in range(lines))
     return (head + body + "M400\n").encode()
+
+
+TOOLPATH_LINE = 33  # "G1 X123.456789 Y123.456789 F6000\n"
+READ_CHUNK = 8192   # virtual_sdcard reads the file in chunks of this size
+
+
+def toolpath_gcode(lines: int, canaries: set, header: str = "", every: int = 20) -> bytes:
+    """Moves, one in `every` of them at coordinates that appear nowhere else
+    (added to canaries, in the form a JSON float or a G-code word shows).
+    Every line has the same width, so the moves at which virtual_sdcard stops
+    to read the next chunk (the only positions status can show in
+    debug-output mode, where nothing else pauses the print) and the last move
+    are known: those are never canaries."""
+    rng = random.Random(uuid.uuid4().int)
+    head = f"; {new_canary()}\nG90\n{header}"
+    out = [head]
+    visible = {(k * READ_CHUNK - len(head)) // TOOLPATH_LINE - 1
+               for k in range(1, (len(head) + lines * TOOLPATH_LINE) // READ_CHUNK + 2)}
+    visible.add(lines - 1)
+    for i in range(lines):
+        if i in visible or i % every != every // 2:
+            out.append(f"G1 X{50 + i % 40:03d}.000000 Y{50 + i % 30:03d}.000000 F6000\n")
+            continue
+        x, y = (f"{rng.randint(100, 199)}.{rng.randint(10000, 99999)}{rng.randint(1, 9)}"
+                for _ in range(2))
+        canaries.update((x, y))
+        out.append(f"G1 X{x} Y{y} F6000\n")
+    out.append("M400\n")
+    return "".join(out).encode()

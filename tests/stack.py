@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,29 @@ COMPONENT_SRC = ROOT / "moonraker-component" / "encrypted_print.py"
 
 class StackError(Exception):
     pass
+
+
+# The toolpath canaries of encrypted test files (coordinates printed nowhere
+# else): every HTTP response and websocket message a UIClient receives is
+# checked for them, and conftest fails the session on a hit.
+TOOLPATH_CANARIES: set = set()
+TOOLPATH_LEAKS: List[str] = []
+
+
+COORD_RE = re.compile(r"(?<![\d.])1\d\d\.\d{6}(?!\d)")  # every toolpath canary
+
+
+def toolpath_hits(raw: Any) -> set:
+    """The toolpath canaries in a text, bytes or anything str() can show."""
+    if not TOOLPATH_CANARIES:
+        return set()
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return set(COORD_RE.findall(text)) & TOOLPATH_CANARIES
+
+
+def check_toolpath(raw: Any, where: str) -> None:
+    for c in sorted(toolpath_hits(raw))[:3]:
+        TOOLPATH_LEAKS.append(f"{where}: {c}")
 
 
 def free_port() -> int:
@@ -411,7 +435,9 @@ class UIClient:
                                      headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read() or b"{}")
+                raw = r.read()
+                check_toolpath(raw, f"HTTP {method} {path}")
+                return json.loads(raw or b"{}")
         except urllib.error.HTTPError as e:
             raw = e.read()
             try:
@@ -498,6 +524,7 @@ class UIClient:
     def _reader(self) -> None:
         try:
             for raw in self._ws:
+                check_toolpath(raw, "websocket message")
                 msg = json.loads(raw)
                 with self._lock:
                     if "id" in msg and msg["id"] in self._pending:

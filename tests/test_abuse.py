@@ -1,5 +1,5 @@
 """Hostile and broken inputs through the public paths (HTTP upload and print
-start, the G-code console, REGISTER_ENCRYPTED_FILE typed by a user), on one
+start, the G-code console, Klipper's registration endpoint called by a user), on one
 real stack. Each case: a specific error (or a normal print where the input is
 legitimate), the printer stays ready, no memfd is left anywhere, and the
 uploaded file is unchanged."""
@@ -36,6 +36,7 @@ class Case:
     start: Optional[str] = None      # the name to start, if not filename
     via: str = "http"                # http: POST /printer/print/start; console: SDCARD_PRINT_FILE
     script: Optional[Callable[[EncStack], str]] = None  # a console command instead
+    register: Optional[Callable[[EncStack], dict]] = None  # a registration instead
     copied: bool = False             # put in gcodes/ directly (scp), not uploaded
 
 
@@ -79,15 +80,17 @@ CASES = [
     Case("console start of a tampered file", "tamp2.gcode",
          lambda st: tamper_policy(st.keys.encrypt(SMALL)), "header or metadata was altered",
          via="console"),
-    Case("REGISTER with another process's PID/FD", "reg1.gcode", enc(), "/proc/1/fd/0",
-         script=lambda st: "REGISTER_ENCRYPTED_FILE FILENAME=reg1.gcode PID=1 FD=0 SIZE=1 "
-                           "TOKEN=encprint-x"),
-    Case("REGISTER with a regular file's FD", "reg2.gcode", enc(), "is not the memfd",
-         script=lambda st: f"REGISTER_ENCRYPTED_FILE FILENAME=reg2.gcode "
-                           f"PID={st.moonraker.pid} FD=0 SIZE=1 TOKEN=encprint-x"),
-    Case("REGISTER with a path in FILENAME", "reg3.gcode", enc(), "without '..'",
-         script=lambda st: "REGISTER_ENCRYPTED_FILE FILENAME=../../etc/x.gcode PID=1 FD=0 "
-                           "SIZE=1 TOKEN=encprint-x"),
+    Case("register another process's fd", "reg1.gcode", enc(),
+         "pid 1 is not the process that sent this request",
+         register=lambda st: dict(filename="reg1.gcode", pid=1, fd=0, size=1,
+                                  token="encprint-x")),
+    Case("register a descriptor that is no memfd", "reg2.gcode", enc(),
+         "is not the memfd named by token",
+         register=lambda st: dict(filename="reg2.gcode", pid=st.moonraker.pid, fd=0, size=1,
+                                  token="encprint-x")),
+    Case("register a path in filename", "reg3.gcode", enc(), "without '..'",
+         register=lambda st: dict(filename="../../etc/x.gcode", pid=1, fd=0, size=1,
+                                  token="encprint-x")),
 ]
 
 
@@ -124,7 +127,9 @@ def test_hostile_input(stack, case):
     name = case.start or case.filename
     error = None
     try:
-        if case.script is not None:
+        if case.register is not None:
+            stack.ui.post("/printer/encrypted_file_bridge/register", case.register(stack))
+        elif case.script is not None:
             stack.ui.gcode(case.script(stack))
         elif case.via == "console":
             stack.ui.gcode(f'SDCARD_PRINT_FILE FILENAME="{name}"')
@@ -133,11 +138,11 @@ def test_hostile_input(stack, case):
     except HTTPError as e:
         error = e.message
     if case.via == "console" and case.expect != "complete":
-        # The console answers at once; the refusal follows as a notification.
-        assert error and "Moonraker is decrypting it" in error
+        # The console start waits for Moonraker and fails with its reason.
+        assert error and case.expect in error, error
         wait_for(lambda: any(case.expect in n["params"][0]["message"]
                              for n in stack.ui.seen("notify_encrypted_print_error")),
-                 10, f"the refusal {case.expect!r}")
+                 10, f"the refusal {case.expect!r} as a notification")
     elif case.expect == "complete":
         assert error is None, error
         wait_for(lambda: stack.ui.query("print_stats")["print_stats"]["state"] == "complete"

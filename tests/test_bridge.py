@@ -4,6 +4,7 @@ API socket and virtual_sdcard prints from it."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib
 import os
 import pathlib
@@ -65,11 +66,22 @@ class Printer:
     def put(self, name: str, plain: bytes) -> None:
         (self.gcodes / name).write_bytes(self.keys.encrypt(plain))
 
+    def register_call(self, **params: Any) -> Dict[str, Any]:
+        """What the component sends: an API request, from the process that
+        holds the memfd."""
+        return self.api.call("encrypted_file_bridge/register", **params)
+
+    def register_err(self, **params: Any) -> str:
+        r = self.register_call(**params)
+        assert "error" in r, f"register {params} succeeded"
+        return r["error"]["message"]
+
     def register(self, name: str) -> Any:
         df = asyncio.run(self.client.decrypt(str(self.gcodes / name), str(self.gcodes)))
         self.held[name] = df
-        self.ok(f'REGISTER_ENCRYPTED_FILE FILENAME="{name}" PID={os.getpid()} FD={df.fd} '
-                f'SIZE={df.size} TOKEN={df.memfd_name}')
+        r = self.register_call(filename=name, pid=os.getpid(), fd=df.fd, size=df.size,
+                               token=df.memfd_name)
+        assert "error" not in r, f"register {name}: {r['error']['message']}"
         return df
 
     def release(self, name: str) -> None:
@@ -115,8 +127,9 @@ def test_registered_file_prints_to_complete_and_runs_its_gcode(printer):
     assert st["display_status"]["message"] == "Done"   # M117 at the end of the file
     assert st["virtual_sdcard"]["file_position"] == len(sample_gcode(layers=20))
     wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
-    assert printer.status()["encrypted_file_bridge"] == {
-        "registered": [], "active": None, "active_size": 0}
+    bridge = printer.status()["encrypted_file_bridge"]
+    assert (bridge["registered"], bridge["active"], bridge["active_size"]) == ([], None, 0)
+    assert bridge["locked"], "motion dumps stay refused while the move history holds the print"
     # The registration was used up: a reprint needs a new one.
     msg = printer.err('SDCARD_PRINT_FILE FILENAME="part.gcode"')
     assert "encrypted" in msg and "not connected" in msg
@@ -165,17 +178,24 @@ def test_m23_m24_print_a_registered_file(printer):
     assert st["print_stats"]["filename"] == "m23.gcode"
 
 
-def test_rename_existing_macro_around_sdcard_print_file(binaries, tmp_path, request):
+def test_a_macro_in_place_of_sdcard_print_file_is_refused_by_name(binaries, tmp_path):
+    """A macro standing in for the start command could run it and then fail,
+    so that Moonraker counts nothing while Klipper prints."""
     macro = ("[gcode_macro SDCARD_PRINT_FILE]\nrename_existing: BASE_SDCARD_PRINT_FILE\n"
              "gcode:\n  M117 via macro\n  BASE_SDCARD_PRINT_FILE {rawparams}\n")
     p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"), macro)
     try:
         p.start()
         p.put("m.gcode", sample_gcode(layers=3))
-        p.register("m.gcode")
-        p.ok('SDCARD_PRINT_FILE FILENAME="m.gcode"')
-        st = p.wait_state("complete")
-        assert st["print_stats"]["info"]["total_layer"] == 3
+        df = asyncio.run(p.client.decrypt(str(p.gcodes / "m.gcode"), str(p.gcodes)))
+        p.held["m.gcode"] = df
+        msg = p.register_err(filename="m.gcode", pid=os.getpid(), fd=df.fd, size=df.size,
+                             token=df.memfd_name)
+        assert "[gcode_macro SDCARD_PRINT_FILE] stands in for SDCARD_PRINT_FILE" in msg, msg
+        assert p.klippy_memfds() == []
+        (p.gcodes / "plain.gcode").write_bytes(sample_gcode(layers=2))
+        p.ok('SDCARD_PRINT_FILE FILENAME="plain.gcode"')  # clear files: as before
+        assert p.wait_state("complete")["print_stats"]["filename"] == "plain.gcode"
     finally:
         p.stop()
 
@@ -207,39 +227,35 @@ def test_registration_refusals_are_gcode_errors_and_printer_stays_ready(printer,
                                             str(printer.gcodes)))
     printer.held["part.gcode"] = df
     me = os.getpid()
-    good = f"PID={me} FD={df.fd} SIZE={df.size} TOKEN={df.memfd_name}"
+    good = dict(pid=me, fd=df.fd, size=df.size, token=df.memfd_name)
     regular = open(tmp_path / "regular.gcode", "wb")
     unsealed = os.memfd_create("encprint-unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(unsealed, b"G1 X1\n")
+    part = dict(good, filename="part.gcode")
     try:
         cases = [
-            (f"FILENAME=part.gcode PID=999999 FD=3 SIZE=1 TOKEN={df.memfd_name}",
-             "Unable to open /proc/999999/fd/3"),
-            (f"FILENAME=part.gcode PID={me} FD=9999 SIZE=1 TOKEN={df.memfd_name}",
-             f"Unable to open /proc/{me}/fd/9999"),
-            (f"FILENAME=part.gcode PID={me} FD={regular.fileno()} SIZE=0 TOKEN={df.memfd_name}",
-             "is not the memfd"),
-            (f"FILENAME=part.gcode PID={me} FD={unsealed} SIZE=6 TOKEN=encprint-unsealed",
-             "not sealed"),
-            (f"FILENAME=part.gcode PID={me} FD={df.fd} SIZE={df.size + 1} TOKEN={df.memfd_name}",
-             f"SIZE={df.size + 1}"),
-            (f"FILENAME=part.gcode PID={me} FD={df.fd} SIZE={df.size} TOKEN=encprint-other",
-             "is not the memfd encprint-other"),
-            (f"FILENAME=part.gcode PID=1 FD=0 SIZE=1 TOKEN={df.memfd_name}",
-             "/proc/1/fd/0"),  # another user's process: EACCES, or not our memfd
-            ("FILENAME=../etc/x.gcode " + good, "without '..'"),
-            ("FILENAME=/../x.gcode " + good, "without '..'"),
-            ("FILENAME=part.txt " + good, "is not a G-code file"),
-            ("FILENAME=missing.gcode " + good, "is not an encrypted file"),
-            ("FILENAME=plain.gcode " + good, "is not an encrypted file"),
-            (f"FILENAME=part.gcode PID=0 FD={df.fd} SIZE=1 TOKEN={df.memfd_name}", "PID"),
-            (f"FILENAME=part.gcode PID={me} FD={df.fd} SIZE={df.size} TOKEN=../../x",
-             "TOKEN must be"),
-            (f"PID={me} FD={df.fd}", "FILENAME"),
+            (dict(part, pid=999999, fd=3), "pid 999999 is not the process that sent"),
+            (dict(part, pid=printer.klippy.pid), "is not the process that sent"),
+            (dict(part, fd=9999), f"Unable to open /proc/{me}/fd/9999"),
+            (dict(part, fd=regular.fileno(), size=0), "is not the memfd named by token"),
+            (dict(part, fd=unsealed, size=6, token="encprint-unsealed"), "not sealed"),
+            (dict(part, size=df.size + 1), f"size={df.size + 1}"),
+            (dict(part, token="encprint-other"), "is not the memfd named by token"),
+            (dict(part, pid=1, fd=0), "pid 1 is not the process"),
+            (dict(good, filename="../etc/x.gcode"), "without '..'"),
+            (dict(good, filename="/../x.gcode"), "without '..'"),
+            (dict(good, filename="part.txt"), "is not a G-code file"),
+            (dict(good, filename="missing.gcode"), "is not an encrypted file"),
+            (dict(good, filename="plain.gcode"), "is not an encrypted file"),
+            (dict(part, fd=-1), "must not be negative"),
+            (dict(part, token="../../x"), "token must be"),
+            (dict(pid=me, fd=df.fd), "filename"),
         ]
-        for args, want in cases:
-            msg = printer.err("REGISTER_ENCRYPTED_FILE " + args)
-            assert want in msg, f"{args}: {msg!r} lacks {want!r}"
+        for params, want in cases:
+            msg = printer.register_err(**params)
+            assert want in msg, f"{params}: {msg!r} lacks {want!r}"
+            assert "/memfd:" not in msg and "regular.gcode" not in msg, \
+                f"a refusal describes the descriptor: {msg!r}"
         assert printer.klippy.state() == "ready"
         assert printer.status()["encrypted_file_bridge"]["registered"] == []
         assert printer.klippy_memfds() == []
@@ -248,13 +264,10 @@ def test_registration_refusals_are_gcode_errors_and_printer_stays_ready(printer,
         os.close(unsealed)
 
 
-def test_registration_from_inside_a_print_is_refused(printer):
-    df_plain = (b"REGISTER_ENCRYPTED_FILE FILENAME=x.gcode PID=1 FD=1 SIZE=1 "
-                b"TOKEN=encprint-x\n")
-    (printer.gcodes / "evil.gcode").write_bytes(b"G1 X1\n" + df_plain)
-    printer.ok('SDCARD_PRINT_FILE FILENAME="evil.gcode"')
-    st = printer.wait_state("error")
-    assert "cannot be run from a file being printed" in st["print_stats"]["message"]
+def test_registration_is_no_gcode_command(printer):
+    """Neither a file being printed nor a macro can register: registration is
+    an API request, and the process sending it must hold the memfd."""
+    assert "REGISTER_ENCRYPTED_FILE" not in printer.api.call("gcode/help")["result"]
 
 
 def test_gcode_error_in_an_encrypted_file_does_not_reveal_the_line(printer):
@@ -329,3 +342,42 @@ def test_sdcard_reset_file_releases_the_memfd(printer, long_file_lines):
     wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
     wait_for(lambda: printer.status()["encrypted_file_bridge"]["active"] is None, 3,
              "the bridge's status to follow (it checks once a second)")
+
+
+def test_a_memfd_is_registered_once(printer):
+    printer.put("once.gcode", sample_gcode(layers=2))
+    df = printer.register("once.gcode")
+    msg = printer.register_err(filename="once.gcode", pid=os.getpid(), fd=df.fd,
+                               size=df.size, token=df.memfd_name)
+    assert "registered before" in msg and "prints once" in msg, msg
+    assert printer.status()["encrypted_file_bridge"]["registered"] == ["once.gcode"]
+
+
+def sealed_memfd(data: bytes) -> tuple:
+    name = "encprint-" + os.urandom(6).hex()
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    fcntl.fcntl(fd, 1033, 0xf)  # F_ADD_SEALS: SEAL|SHRINK|GROW|WRITE
+    return fd, name
+
+
+def test_an_unreadable_byte_ends_the_print_as_an_error_not_a_stuck_pause(printer):
+    """What a helper that does not check UTF-8 would hand over: the print
+    ends as an error naming the byte, and the printer takes the next one."""
+    printer.put("bad.gcode", b"G1 X1\n")  # any encrypted file of that name
+    data = b"G90\nG1 X1 Y1 F6000\n; caf\xe9\nG1 X2 Y2\n"
+    fd, name = sealed_memfd(data)
+    try:
+        r = printer.register_call(filename="bad.gcode", pid=os.getpid(), fd=fd,
+                                  size=len(data), token=name)
+        assert "error" not in r, r
+    finally:
+        os.close(fd)
+    printer.ok('SDCARD_PRINT_FILE FILENAME="bad.gcode"')
+    st = printer.wait_state("error", timeout=10)
+    msg = st["print_stats"]["message"]
+    assert "cannot be read after byte" in msg and "not UTF-8" in msg, msg
+    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    (printer.gcodes / "next.gcode").write_bytes(sample_gcode(layers=1))
+    printer.ok('SDCARD_PRINT_FILE FILENAME="next.gcode"')
+    assert printer.wait_state("complete")["print_stats"]["filename"] == "next.gcode"

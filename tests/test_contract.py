@@ -4,6 +4,7 @@ must equal it (the Go side is checked by helper/contract's test)."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import re
 
@@ -46,14 +47,38 @@ def test_component_memfd_values_equal_the_contract_and_the_kernel(ep):
 def test_component_klipper_names_equal_the_contract(ep):
     k = CONTRACT["klipper"]
     assert ep.BRIDGE_OBJECT == k["bridge_object"]
-    assert ep.REGISTER_COMMAND == k["register_command"]
+    assert ep.REGISTER_ENDPOINT == k["register_endpoint"]
     assert list(ep.REGISTER_PARAMS) == k["register_params"]
+    assert [ep.REGISTER_REPLY] == k["register_reply"]
+    assert ep.REFUSE_ENDPOINT == k["refuse_endpoint"]
+    assert list(ep.REFUSE_PARAMS) == k["refuse_params"]
     assert ep.UNREGISTER_COMMAND == k["unregister_command"]
     assert ep.REMOTE_METHOD == k["remote_method"]
-    line = ep.register_line('a "b".gcode', 12, 7, 99, "encprint-ab")
-    words = line.split(" ", 1)
-    assert words[0] == k["register_command"]
-    assert re.findall(r"(\w+)=", words[1]) == k["register_params"]
+
+
+def test_extra_values_equal_the_contract():
+    """The Klipper extra is stdlib-only and cannot import the component:
+    it defines its own copy of each value, checked here."""
+    spec = importlib.util.spec_from_file_location(
+        "encrypted_file_bridge", ROOT / "klippy-extras" / "encrypted_file_bridge.py")
+    bridge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bridge)
+    k, m = CONTRACT["klipper"], CONTRACT["memfd"]
+    assert bridge.MAGIC == CONTRACT["age"]["magic"].encode()
+    assert bridge.ARMOR == CONTRACT["age"]["armor_begin"].encode()
+    assert bridge.ALL_SEALS == m["required_seals"]
+    assert bridge.F_GET_SEALS == m["F_GET_SEALS"]
+    assert bridge.TOKEN_RE.pattern == m["token_regex"]
+    assert list(bridge.VALID_EXTS) == k["gcode_extensions"]
+    assert bridge.REMOTE_METHOD == k["remote_method"]
+    assert bridge.REGISTER_ENDPOINT == k["register_endpoint"]
+    assert list(bridge.REGISTER_PARAMS) == k["register_params"]
+    assert bridge.REFUSE_ENDPOINT == k["refuse_endpoint"]
+    assert list(bridge.REFUSE_PARAMS) == k["refuse_params"]
+    text = (ROOT / "klippy-extras" / "encrypted_file_bridge.py").read_text()
+    assert f"'{k['unregister_command']}'" in text
+    # Klipper names the object after the section, and the section after the file.
+    assert (ROOT / "klippy-extras" / f"{k['bridge_object']}.py").exists()
 
 
 def test_component_requests_carry_exactly_the_required_keys(ep):

@@ -95,6 +95,7 @@ const (
 	CodeTruncated          = "truncated"
 	CodeTooLarge           = "too_large"
 	CodeDigestMismatch     = "digest_mismatch"
+	CodeNotUTF8            = "not_utf8"
 	CodeNotYetValid        = "not_yet_valid"
 	CodeExpired            = "expired"
 	CodeMemfdUnavailable   = "memfd_unavailable"
@@ -110,7 +111,7 @@ func ErrorCodes() []string {
 	return []string{CodeBadRequest, CodeProtocolMismatch, CodeOutsideRoot, CodeNotFound,
 		CodeNotAFile, CodeUnreadable, CodeIOError, CodeIdentityError, CodeNotEncrypted,
 		CodeMalformedHeader, CodeUnsupportedVersion, CodeWrongIdentity, CodeHeaderAuthFailed,
-		CodePayloadCorrupt, CodeTruncated, CodeTooLarge, CodeDigestMismatch, CodeNotYetValid,
+		CodePayloadCorrupt, CodeTruncated, CodeTooLarge, CodeDigestMismatch, CodeNotUTF8, CodeNotYetValid,
 		CodeExpired, CodeMemfdUnavailable, CodeUntrusted, CodeUsedUp, CodeStateError, CodeInstallError,
 		CodeInternal}
 }

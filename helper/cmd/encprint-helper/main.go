@@ -253,6 +253,7 @@ func classify(name string, err error) *ipc.Error {
 	var se *encfile.StanzaError
 	var ce *encfile.ChunkError
 	var we *encfile.WindowError
+	var ue *encfile.UTF8Error
 	switch {
 	case errors.As(err, &re):
 		return fail(contract.CodeIOError, "%s: %v; the storage may be failing (see dmesg): try again, or copy the file anew", name, err)
@@ -272,6 +273,8 @@ func classify(name string, err error) *ipc.Error {
 		return fail(contract.CodeTruncated, "%s is incomplete or has extra bytes at its end (interrupted upload?); upload it again", name)
 	case errors.Is(err, encfile.ErrSizeMismatch), errors.Is(err, encfile.ErrDigest):
 		return fail(contract.CodeDigestMismatch, "%s: %v", name, err)
+	case errors.As(err, &ue):
+		return fail(contract.CodeNotUTF8, "%s: %v", name, err)
 	case errors.As(err, &we) && we.Expired:
 		return fail(contract.CodeExpired, "%s expired on %s (the not_after of its policy) and may no longer be printed: ask its sender for a new copy (or, if this printer's clock is wrong, set it)",
 			name, we.Bound.Format("2006-01-02 15:04:05 UTC"))
@@ -388,6 +391,10 @@ func decrypt(req *ipc.Request, conn *ipc.Conn, t *trust) (*os.File, *ipc.Decrypt
 		return nil, nil, fail(contract.CodeInternal, "%v", err)
 	}
 	res, err := ef.DecryptInto(mapping, 0)
+	if err == nil {
+		// Before the print is counted: Klipper stops at a byte it cannot read.
+		err = encfile.CheckUTF8(mapping[:res.Size])
+	}
 	if uerr := memfd.Unmap(mapping); uerr != nil && err == nil {
 		err = uerr
 	}

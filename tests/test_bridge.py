@@ -85,7 +85,9 @@ class Printer:
         return df
 
     def release(self, name: str) -> None:
-        """Moonraker closes its copy once Klipper has opened the memfd."""
+        """Close the test's copy of the memfd. (Moonraker keeps its copy until
+        the print ends, as the design requires; these tests close theirs
+        early to show that Klipper's own descriptor is enough.)"""
         self.held.pop(name).close()
 
     def klippy_memfds(self) -> list:

@@ -17,7 +17,7 @@ import threading
 import urllib.request
 from typing import Any, Dict, List, Optional
 
-from stack import StackError, wait_for
+from stack import StackError, answer_pending, wait_for
 
 FLAGS = ["--headless=new", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -88,10 +88,7 @@ class Browser:
             for raw in self._ws:
                 msg = json.loads(raw)
                 with self._lock:
-                    if "id" in msg and msg["id"] in self._pending:
-                        ev = self._pending[msg["id"]]
-                        self._pending[msg["id"]] = msg
-                        ev.set()
+                    if answer_pending(self._pending, msg):
                         continue
                     self._events.append(msg)
                 self._note_error(msg)

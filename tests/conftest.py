@@ -43,7 +43,7 @@ def plain_stack(request, tmp_path) -> Iterator[Stack]:
 import os  # noqa: E402
 import subprocess  # noqa: E402
 
-from stack import ROOT, install_plugins, regular_files  # noqa: E402
+from stack import ROOT, files_holding, install_plugins  # noqa: E402
 
 BIN = ROOT / "bin"
 
@@ -118,15 +118,8 @@ def no_cleartext_anywhere_after_the_suite(tmp_path_factory):
         return
     roots = [tmp_path_factory.getbasetemp(), pathlib.Path(tempfile.gettempdir()),
              pathlib.Path("/dev/shm")]
-    found = []
-    for p in regular_files(*roots):
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
-        hits = set(CANARY_RE.findall(data)) & SECRET_CANARIES
-        hits |= toolpath_hits(data)
-        if hits:
-            found.append(f"{p}: {sorted(hits)[:2]}")
+    found = files_holding(
+        lambda data: (set(CANARY_RE.findall(data)) & SECRET_CANARIES) | toolpath_hits(data),
+        *roots)
     assert not found, ("cleartext or toolpath of encrypted files found on disk:\n"
                        + "\n".join(found))

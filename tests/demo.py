@@ -41,7 +41,8 @@ def encprint(*args: str, input: bytes = None) -> bytes:
 
 
 def scan(root: pathlib.Path, canary: bytes) -> list:
-    return files_holding([canary], root, pathlib.Path(tempfile.gettempdir()))
+    return files_holding(lambda data: canary in data, root,
+                         pathlib.Path(tempfile.gettempdir()))
 
 
 def main() -> int:

@@ -108,17 +108,30 @@ def regular_files(*roots: pathlib.Path, max_size: int = 64 << 20):
                     yield p
 
 
-def files_holding(needles, *roots: pathlib.Path) -> List[str]:
-    """The files under roots that contain any of the byte strings needles."""
+def files_holding(match: Callable[[bytes], Any], *roots: pathlib.Path) -> List[str]:
+    """'path: hits' for each file under roots whose content match() finds
+    something in (a truthy result: a set of hits, or True)."""
     found = []
     for p in regular_files(*roots):
         try:
-            data = p.read_bytes()
+            hits = match(p.read_bytes())
         except OSError:
             continue
-        if any(n in data for n in needles):
-            found.append(str(p))
+        if hits:
+            found.append(f"{p}: {sorted(hits)[:2]}" if isinstance(hits, set) else str(p))
     return found
+
+
+def answer_pending(pending: Dict[Any, Any], msg: Dict[str, Any]) -> bool:
+    """For JSON-RPC style clients that wait on a threading.Event per request
+    id: if msg answers one, put it in place of the event and wake the
+    caller. Call with the client's lock held."""
+    mid = msg.get("id")
+    if mid is None or mid not in pending:
+        return False
+    ev, pending[mid] = pending[mid], msg
+    ev.set()
+    return True
 
 
 def tail(path: pathlib.Path, lines: int = 40) -> str:
@@ -527,10 +540,7 @@ class UIClient:
                 check_toolpath(raw, "websocket message")
                 msg = json.loads(raw)
                 with self._lock:
-                    if "id" in msg and msg["id"] in self._pending:
-                        ev = self._pending[msg["id"]]
-                        self._pending[msg["id"]] = msg
-                        ev.set()
+                    if answer_pending(self._pending, msg):
                         continue
                     self.notifications.append(msg)
                     if msg.get("method") == "notify_klippy_ready":

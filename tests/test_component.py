@@ -52,7 +52,9 @@ def all_memfds(roots: tuple = ()) -> list:
 def assert_no_canary(root: pathlib.Path, canary: str) -> None:
     """No file under the stack (data folder, logs, database, .thumbs) nor in
     the system temp folder holds the canary."""
-    found = files_holding([canary.encode()], root, pathlib.Path(tempfile.gettempdir()))
+    needle = canary.encode()
+    found = files_holding(lambda data: needle in data, root,
+                          pathlib.Path(tempfile.gettempdir()))
     assert not found, f"cleartext canary found in {found}"
 
 

@@ -81,14 +81,24 @@ class _GuardedBuffer(io.BufferedReader):
 
 class _Text(io.TextIOWrapper):
     # Remembers a read that failed, so the print ends as an error (not as a
-    # "paused" print stuck at that byte).
+    # "paused" print stuck at that byte). After a shutdown it reads as
+    # empty: the only reader then is virtual_sdcard's dump of the text
+    # around the position (its print loop has stopped reading), which so
+    # logs nothing, and no traceback, even once the file is closed.
     read_error = None
+    printer = None
     def read(self, *args):
+        if self.printer.is_shutdown():
+            return ""
         try:
             return io.TextIOWrapper.read(self, *args)
         except UnicodeDecodeError as e:
             self.read_error = "%s at byte %d of a read" % (e.reason, e.start)
             raise
+    def seek(self, *args):
+        if self.printer.is_shutdown():
+            return 0
+        return io.TextIOWrapper.seek(self, *args)
 
 
 class _Registration:
@@ -98,6 +108,7 @@ class _Registration:
         self.expires = expires
         raw = _MemfdRaw(fd, path, printer)
         self.file = _Text(_GuardedBuffer(raw), encoding='utf-8', newline='')
+        self.file.printer = printer
     def close(self):
         try:
             self.file.close()

@@ -310,15 +310,13 @@ def test_emergency_stop_and_restart_mid_print_leak_no_cleartext(printer, fault,
     printer.api = printer.klippy.api()
     wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
     log = printer.log_text()
+    after = log.split("Starting SD card print", 1)[-1]
     if fault == "M112":
-        # virtual_sdcard did try to dump the text around the position...
-        assert "virtual_sdcard shutdown read" in log
-        # ...and got no text: refused by the guard, or (Klipper master, whose
-        # dump runs deferred) the bridge had already closed the file.
-        assert ("read refused after shutdown" in log
-                or "I/O operation on closed file" in log)
+        # virtual_sdcard dumped the text around the position: it got none,
+        # and an expected refusal leaves no traceback.
+        assert "Traceback" not in after, after[after.find("Traceback") - 200:][:1500]
     assert canary not in log, "cleartext in klippy.log"
-    assert "G1 X" not in log.split("Starting SD card print", 1)[-1]
+    assert "G1 X" not in after
 
 
 def test_unused_registration_expires(printer):

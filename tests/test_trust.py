@@ -220,12 +220,19 @@ def test_including_the_key_in_printer_cfg_shows_it_nowhere(make_printer):
 def test_a_macro_escaping_its_template_reads_no_key(make_printer):
     st = make_printer()
     cfg = st.download("config", "printer.cfg")
-    st.edit("printer.cfg", cfg + (
-        "\n[gcode_macro STEAL]\ngcode:\n"
-        "  {% set sh = cycler.__init__.__globals__.os.popen %}\n"
-        "  {% set out = sh(\"grep -o 'AGE-SECRET-KEY-1[0-9A-Z]*' \" ~ params.PATH ~ "
-        "\" 2>&1 | tr -d '\\\\n'\").read() %}\n"
-        "  RESPOND MSG=\"stolen:{out}\"\n"))
+    steal = ("\n[gcode_macro STEAL]\ngcode:\n"
+             "  {% set sh = cycler.__init__.__globals__.os.popen %}\n"
+             "  {% set out = sh(\"grep -o 'AGE-SECRET-KEY-1[0-9A-Z]*' \" ~ params.PATH ~ "
+             "\" 2>&1 | tr -d '\\\\n'\").read() %}\n"
+             "  RESPOND MSG=\"stolen:{out}\"\n")
+    # With the bridge loaded, templates are sandboxed (ADR-009): refused.
+    st.edit("printer.cfg", cfg + steal)
+    assert st.restart_klipper()["state"] == "ready"
+    with pytest.raises(HTTPError):
+        st.ui.gcode(f"STEAL PATH={st.identity_paths()[0]}")
+    # The same user can take the bridge out of printer.cfg: the macro runs.
+    assert "[encrypted_file_bridge]\n" in cfg
+    st.edit("printer.cfg", cfg.replace("[encrypted_file_bridge]\n", "") + steal)
     assert st.restart_klipper()["state"] == "ready"
     for path in st.identity_paths():
         st.ui.gcode(f"STEAL PATH={path}")

@@ -1246,9 +1246,11 @@ class PrintStarter:
             # The waiting command fails with this message in the console.
             logging.warning(f"encrypted_print: {msg!r}")
             self.server.send_event("encrypted_print:error", {"message": msg})
+            # It becomes Klipper's error for the command, which Moonraker
+            # passes on as an HTTP reason phrase too: keep it representable.
             try:
                 await self.bridge_request(REFUSE_ENDPOINT, dict(zip(REFUSE_PARAMS,
-                                                                    (filename, msg))))
+                                                                    (filename, http_safe(msg)))))
             except self.server.error:
                 pass  # Klipper is gone; its command ended with it
             return

@@ -509,3 +509,13 @@ def test_a_wrapper_that_starts_and_fails_cannot_print_uncounted(binaries, tmp_pa
         st.wait_released()
     finally:
         st.stop()
+
+
+def test_a_refusal_raised_inside_a_macro_keeps_its_text_over_http(owner):
+    name = "theirs<v2>零件.gcode"
+    owner.ui.upload(name, owner.keys.other("stranger").encrypt(sample_gcode(layers=1)))
+    with pytest.raises(HTTPError) as ei:
+        owner.ui.gcode(f"START_JOB F={name}")
+    assert "encrypted for other printers" in ei.value.message, ei.value.message
+    assert "theirs\\x3cv2>\\u96f6\\u4ef6.gcode" in ei.value.message, ei.value.message
+    assert owner.klippy.state() == "ready"

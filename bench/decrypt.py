@@ -11,16 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
-import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import report  # bench/report.py, beside this script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
@@ -120,12 +119,8 @@ def main() -> int:
             print(f"  {size_mib} MiB done", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()},
-              "command": "make bench", "runs": args.runs, "results": results}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = report.write(args.out, {"machine": report.machine(), "command": "make bench",
+                                  "runs": args.runs, "results": results})
     print("| size | helper → sealed memfd | age -d → /dev/shm | cat → /dev/shm | helper vs age "
           "| helper peak RSS (own) | age peak RSS | inspect |")
     print("|---|---|---|---|---|---|---|---|")

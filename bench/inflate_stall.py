@@ -11,10 +11,8 @@ and the wall time (with the noise). JSON in bench/results/inflate_stall.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
@@ -26,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import dense_gcode  # noqa: E402
+import report  # noqa: E402
 import seekgz_reader  # noqa: E402
 
 
@@ -127,16 +126,13 @@ def main() -> int:
             rows.append(row)
             payload.unlink()
             print(f"  {kib} KiB done", file=sys.stderr)
-        report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                              "python": platform.python_version(),
-                              "loadavg_at_start": load, "loadavg_at_end": os.getloadavg()},
+        summary = {"machine": report.machine(loadavg_at_start=load,
+                                             loadavg_at_end=os.getloadavg()),
                   "gcode_bytes": gcode.stat().st_size, "repeat": args.repeat,
                   "pi_factor": args.pi_factor, "results": rows}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = report.write(args.out, summary)
     print("| block | compressed/clear | worst block, CPU | p99.9, CPU | median, CPU "
           "| worst wall (noisy) | Pi Zero 2 W worst (est.) | text read | RSS growth |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -145,7 +141,7 @@ def main() -> int:
               f"{r['cpu_ms_p999']} ms | {r['cpu_ms_median']} ms | {r['wall_ms_max']} ms | "
               f"{r['pi_zero_2w_ms_estimate']} ms | {r['text_read_mbps']} MB/s | "
               f"{r['rss_growth_kib'] / 1024:.1f} MiB |")
-    print(f"\n(load {report['machine']['loadavg_at_start']}; JSON in {out})")
+    print(f"\n(load {summary['machine']['loadavg_at_start']}; JSON in {out})")
     return 0
 
 

@@ -12,13 +12,13 @@ difference; the budget is 5 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import re
 import statistics
 import subprocess
 import sys
+
+import report  # bench/report.py, beside this script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LINE = re.compile(r"^Benchmark(Inspect|Decrypt)(Plain|Installed)-\d+\s+\d+\s+(\d+) ns/op")
@@ -54,11 +54,9 @@ def main() -> int:
                      "added_ms": round(inst - plain, 2), "budget_ms": BUDGET_MS,
                      "samples_plain_ms": samples[(op, "plain")],
                      "samples_installed_ms": samples[(op, "installed")]})
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.machine(), "command": "make bench",
-                               "runs": args.runs, "iterations": args.iterations,
-                               "results": rows}, indent=2) + "\n")
+    report.write(args.out, {"machine": report.machine(), "command": "make bench",
+                            "runs": args.runs, "iterations": args.iterations,
+                            "results": rows})
     print("| op | plain helper | installed helper | added | budget |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['op']} | {r['plain_ms']} ms | {r['installed_ms']} ms | "

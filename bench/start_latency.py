@@ -10,7 +10,6 @@ bench/results/start_latency.json, a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import shutil
 import statistics
@@ -23,6 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from stack import Stack, wait_for  # noqa: E402
+
+import report  # noqa: E402 - bench/report.py, beside this script
 
 MiB = 1 << 20
 
@@ -89,11 +90,10 @@ def main() -> int:
     finally:
         stack.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report = {"command": "make bench", "runs": args.runs, "results": results,
-              "moonraker_rss_kib": {"idle": idle_rss, "printing_encrypted": print_rss}}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = report.write(args.out, {
+        "machine": report.machine(), "command": "make bench", "runs": args.runs,
+        "results": results,
+        "moonraker_rss_kib": {"idle": idle_rss, "printing_encrypted": print_rss}})
     print("| size | clear: start → printing | encrypted: start → printing | overhead |")
     print("|---|---|---|---|")
     for r in results:

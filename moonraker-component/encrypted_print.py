@@ -163,10 +163,6 @@ def http_safe(msg: str) -> str:
                    for c in msg)
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
 class HelperError(Exception):
     """An operation failed. ``code`` is one of the helper's error codes
     (proto/PROTOCOL.md) or, for failures seen on this side of the socket, one

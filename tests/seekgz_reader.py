@@ -28,8 +28,21 @@ class SeekgzError(IOError):
     pass
 
 
-class ShutdownRead(IOError):
-    pass
+def _bridge():
+    # The shipped extra, for the classes this draft shares with it.
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), os.pardir,
+                        "klippy-extras", "encrypted_file_bridge.py")
+    spec = importlib.util.spec_from_file_location("encrypted_file_bridge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_BRIDGE = _bridge()
+ShutdownRead = _BRIDGE.ShutdownRead
+# The shutdown guard above the buffer, so buffered bytes are refused too.
+GuardedBuffer = _BRIDGE._GuardedBuffer
 
 
 def _pread(fd, n, off):
@@ -158,29 +171,6 @@ class SeekgzRaw(io.RawIOBase):
                 os.close(self._fd)
             finally:
                 io.RawIOBase.close(self)
-
-
-class GuardedBuffer(io.BufferedReader):
-    # The shutdown guard above the buffer, so buffered bytes are refused too
-    # (the bridge's _GuardedBuffer, which this reader reuses once pasted).
-    def _check(self):
-        if self.raw._printer.is_shutdown():
-            raise ShutdownRead("read refused after shutdown (encrypted file)")
-    def read(self, *args):
-        self._check()
-        return io.BufferedReader.read(self, *args)
-    def read1(self, *args):
-        self._check()
-        return io.BufferedReader.read1(self, *args)
-    def peek(self, *args):
-        self._check()
-        return io.BufferedReader.peek(self, *args)
-    def readinto(self, b):
-        self._check()
-        return io.BufferedReader.readinto(self, b)
-    def readinto1(self, b):
-        self._check()
-        return io.BufferedReader.readinto1(self, b)
 
 
 def open_text(fd, size, path, printer):

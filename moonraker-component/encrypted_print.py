@@ -58,7 +58,7 @@ except ImportError:  # the page then shows the recipient without it
 # -- the contract with the helper and the Klipper extra -----------------------
 # Every value here is in proto/contract.json; tests/test_contract.py fails when
 # one differs.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 AGE_MAGIC = b"age-encryption.org/v1\n"
 AGE_ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
 LENGTH_PREFIX = 4            # bytes of the message length, in the first record

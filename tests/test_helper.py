@@ -269,12 +269,12 @@ def raw_helper(binaries, payload: bytes):
     ("proto2", "protocol_mismatch"),
 ])
 def test_malformed_requests_are_refused(ep, binaries, payload, code):
-    req = {"type": "request", "protocol": 1, "op": "frobnicate", "path": "/x", "root": "/",
+    req = {"type": "request", "protocol": ep.PROTOCOL_VERSION, "op": "frobnicate", "path": "/x", "root": "/",
            "identity": "/x", "max_bytes": 0, "memfd_name": ""}
     if payload is None:
         payload = ep.frame(req)
     elif payload == "proto2":
-        req["protocol"], req["op"] = 2, "inspect"
+        req["protocol"], req["op"] = ep.PROTOCOL_VERSION + 1, "inspect"
         payload = ep.frame(req)
     msg = raw_helper(binaries, payload)
     assert msg["type"] == "error" and msg["code"] == code, msg

@@ -5,7 +5,7 @@
 package contract
 
 // ProtocolVersion is the component-helper protocol version (proto/PROTOCOL.md).
-const ProtocolVersion = 1
+const ProtocolVersion = 2
 
 // Framing of proto/PROTOCOL.md: a message is a uint32 big-endian length
 // prefix and a msgpack body, sent as SOCK_SEQPACKET records of at most
@@ -25,6 +25,19 @@ const (
 const (
 	AgeMagic   = "age-encryption.org/v1\n"
 	ArmorBegin = "-----BEGIN AGE ENCRYPTED FILE-----"
+)
+
+// The age payload (docs/format.md): G-code, or a seekable gzip of it when
+// it starts with GzipMagic. helper/seekgz defines the format; its test
+// checks these equal its own.
+const (
+	GzipMagic        = "\x1f\x8b"
+	SeekgzMagic      = "\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff\x08\x00Eb\x04\x00"
+	FooterSize       = 58
+	FooterVersion    = 1
+	DefaultBlockSize = 64 << 10
+	MinBlockSize     = 4 << 10
+	MaxBlockSize     = 1 << 20
 )
 
 // The memfd's name (token) grammar, and its seals.
@@ -96,6 +109,8 @@ const (
 	CodeTooLarge           = "too_large"
 	CodeDigestMismatch     = "digest_mismatch"
 	CodeNotUTF8            = "not_utf8"
+	CodeBadPayload         = "bad_payload"
+	CodeNotSeekable        = "not_seekable"
 	CodeNotYetValid        = "not_yet_valid"
 	CodeExpired            = "expired"
 	CodeMemfdUnavailable   = "memfd_unavailable"
@@ -111,7 +126,7 @@ func ErrorCodes() []string {
 	return []string{CodeBadRequest, CodeProtocolMismatch, CodeOutsideRoot, CodeNotFound,
 		CodeNotAFile, CodeUnreadable, CodeIOError, CodeIdentityError, CodeNotEncrypted,
 		CodeMalformedHeader, CodeUnsupportedVersion, CodeWrongIdentity, CodeHeaderAuthFailed,
-		CodePayloadCorrupt, CodeTruncated, CodeTooLarge, CodeDigestMismatch, CodeNotUTF8, CodeNotYetValid,
+		CodePayloadCorrupt, CodeTruncated, CodeTooLarge, CodeDigestMismatch, CodeNotUTF8, CodeBadPayload, CodeNotSeekable, CodeNotYetValid,
 		CodeExpired, CodeMemfdUnavailable, CodeUntrusted, CodeUsedUp, CodeStateError, CodeInstallError,
 		CodeInternal}
 }

@@ -2,6 +2,7 @@ package contract
 
 import (
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"os"
 	"reflect"
@@ -26,6 +27,15 @@ type contractFile struct {
 		Magic      string `json:"magic"`
 		ArmorBegin string `json:"armor_begin"`
 	} `json:"age"`
+	Payload struct {
+		GzipMagic        string `json:"gzip_magic"`
+		SeekgzMagic      string `json:"seekgz_magic"`
+		FooterSize       int    `json:"footer_size"`
+		FooterVersion    int    `json:"footer_version"`
+		DefaultBlockSize int    `json:"default_block_size"`
+		MinBlockSize     int    `json:"min_block_size"`
+		MaxBlockSize     int    `json:"max_block_size"`
+	} `json:"payload"`
 	Memfd struct {
 		TokenPrefix   string         `json:"token_prefix"`
 		TokenRegex    string         `json:"token_regex"`
@@ -75,6 +85,13 @@ func TestGoEqualsContract(t *testing.T) {
 	eq(t, "framing.max_fds_per_record", MaxFDsPerRecord, c.Framing.MaxFDsPerRecord)
 	eq(t, "age.magic", AgeMagic, c.Age.Magic)
 	eq(t, "age.armor_begin", ArmorBegin, c.Age.ArmorBegin)
+	eq(t, "payload.gzip_magic", hex.EncodeToString([]byte(GzipMagic)), c.Payload.GzipMagic)
+	eq(t, "payload.seekgz_magic", hex.EncodeToString([]byte(SeekgzMagic)), c.Payload.SeekgzMagic)
+	eq(t, "payload.footer_size", FooterSize, c.Payload.FooterSize)
+	eq(t, "payload.footer_version", FooterVersion, c.Payload.FooterVersion)
+	eq(t, "payload.default_block_size", DefaultBlockSize, c.Payload.DefaultBlockSize)
+	eq(t, "payload.min_block_size", MinBlockSize, c.Payload.MinBlockSize)
+	eq(t, "payload.max_block_size", MaxBlockSize, c.Payload.MaxBlockSize)
 	eq(t, "memfd.token_prefix", MemfdTokenPrefix, c.Memfd.TokenPrefix)
 	eq(t, "memfd.token_regex", MemfdTokenRegex, c.Memfd.TokenRegex)
 	eq(t, "memfd.F_ADD_SEALS", FAddSeals, c.Memfd.FAddSeals)

@@ -3,6 +3,7 @@ package encfile
 import (
 	"errors"
 	"testing"
+	"unicode/utf8"
 )
 
 func TestCheckUTF8(t *testing.T) {
@@ -28,6 +29,40 @@ func TestCheckUTF8(t *testing.T) {
 			t.Errorf("%q: got %v, want an error at byte %d", tc.in, err, tc.want)
 		case tc.want >= 0 && ue.Offset != tc.want:
 			t.Errorf("%q: offset %d, want %d", tc.in, ue.Offset, tc.want)
+		}
+	}
+}
+
+// Cut into blocks checked in reverse order, a text gets the verdict of the
+// whole: characters cut by a boundary are accepted, and the first invalid
+// byte is found wherever it is, in a block or across a boundary.
+func TestUTF8BlocksAgreeWithTheWholeText(t *testing.T) {
+	texts := []string{
+		"G1 X1 ; Teil-ü-部品 ✓ 😀 end\n",
+		"; caf\xe9 and more text here\n",
+		"abcd\xe2\x82 cut in the middle\n",
+		"abc\xf0\x9f\x98\x80\x80 one continuation too many",
+		"\x80 leading continuation",
+		"ok 部品 then \xff",
+		"部部部部部部部部部部部部",
+		"ab\xc3",
+	}
+	for _, text := range texts {
+		want := CheckUTF8([]byte(text))
+		for bs := utf8.UTFMax; bs <= 11; bs++ { // blocks hold a whole character at least
+			n := (len(text) + bs - 1) / bs
+			u := NewUTF8Blocks(int64(bs), n)
+			failed, var1 := -1, error(nil)
+			for i := n - 1; i >= 0; i-- {
+				end := min((i+1)*bs, len(text))
+				if err := u.Block(i, []byte(text[i*bs:end])); err != nil {
+					failed, var1 = i, err
+				}
+			}
+			got := u.First(failed, var1)
+			if (got == nil) != (want == nil) || (got != nil && got.(*UTF8Error).Offset != want.(*UTF8Error).Offset) {
+				t.Errorf("%q in blocks of %d: got %v, want %v", text, bs, got, want)
+			}
 		}
 	}
 }

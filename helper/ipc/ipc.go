@@ -74,8 +74,9 @@ type DecryptResult struct {
 	Type           string  `msgpack:"type"`
 	Op             string  `msgpack:"op"`
 	FileID         []byte  `msgpack:"file_id"`
-	Size           int64   `msgpack:"size"`
-	SHA256         []byte  `msgpack:"sha256"`
+	Size           int64   `msgpack:"size"`       // the memfd's, i.e. the payload's
+	GcodeSize      int64   `msgpack:"gcode_size"` // the G-code's (inflated) size
+	SHA256         []byte  `msgpack:"sha256,omitempty"`
 	Seals          int     `msgpack:"seals"`
 	MemfdName      string  `msgpack:"memfd_name"`
 	ElapsedMS      float64 `msgpack:"elapsed_ms"`

@@ -39,10 +39,10 @@ func fixedMessages() []struct {
 		name, kind string
 		msg        interface{}
 	}{
-		{"hello", "hello", &Hello{"hello", 1, "v0.1.0"}},
-		{"request inspect", "request", &Request{"request", 1, "inspect", "/home/pi/printer_data/gcodes/part.enc.gcode",
+		{"hello", "hello", &Hello{"hello", 2, "v0.1.0"}},
+		{"request inspect", "request", &Request{"request", 2, "inspect", "/home/pi/printer_data/gcodes/part.enc.gcode",
 			"/home/pi/printer_data/gcodes", "/home/pi/.config/encprint/printer.key", 0, ""}},
-		{"request decrypt", "request", &Request{"request", 1, "decrypt", "/home/pi/printer_data/gcodes/sub dir/ü.gcode",
+		{"request decrypt", "request", &Request{"request", 2, "decrypt", "/home/pi/printer_data/gcodes/sub dir/ü.gcode",
 			"/home/pi/printer_data/gcodes", "/home/pi/.config/encprint/printer.key", 536870912, "encprint-0f1e2d3c"}},
 		{"progress", "progress", &Progress{"progress", 65536, 300000000}},
 		{"inspect result, authenticated", "inspect_result", &InspectResult{Type: "result", Op: "inspect", FileID: id, Recipients: 2,
@@ -52,8 +52,10 @@ func fixedMessages() []struct {
 			Authenticated: true, PlaintextSize: 123456}},
 		{"inspect result, not a recipient", "inspect_result", &InspectResult{Type: "result", Op: "inspect", FileID: id, Recipients: 1,
 			Reason: "part.gcode was encrypted for other printers, not this one", ReasonCode: "wrong_identity"}},
-		{"decrypt result", "decrypt_result", &DecryptResult{Type: "result", Op: "decrypt", FileID: id, Size: 123456,
+		{"decrypt result", "decrypt_result", &DecryptResult{Type: "result", Op: "decrypt", FileID: id, Size: 123456, GcodeSize: 123456,
 			SHA256: bytes.Repeat([]byte{0x5a}, 32), Seals: 47, MemfdName: "encprint-0f1e2d3c", ElapsedMS: 12.5}},
+		{"decrypt result, compressed, without sha256", "decrypt_result", &DecryptResult{Type: "result", Op: "decrypt", FileID: id,
+			Size: 35214, GcodeSize: 123456, Seals: 47, MemfdName: "encprint-0f1e2d3c", ElapsedMS: 12.5, Publisher: pubKey(), SignatureValid: true}},
 		{"recipient result", "recipient_result", &RecipientResult{"result", "recipient",
 			"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p", []string{}}},
 		{"records result", "records_result", &RecordsResult{"result", "records", true, []Record{{FileID: strings.Repeat("ab", 16),

@@ -99,16 +99,29 @@ type IndexError struct{ Reason string }
 
 func (e *IndexError) Error() string { return "seekable gzip index: " + e.Reason }
 
-// BlockError reports a block member that does not inflate to its cleartext.
+// LimitError reports a footer claiming more cleartext than Limits allow,
+// found before anything is inflated (a decompression bomb, or a G-code
+// larger than the reader accepts).
+type LimitError struct{ Claimed, Limit int64 }
+
+func (e *LimitError) Error() string {
+	return fmt.Sprintf("claims %d bytes of G-code, more than the %d accepted", e.Claimed, e.Limit)
+}
+
+// BlockError reports a block member that does not inflate to its cleartext,
+// or whose cleartext a ValidateEach check refused.
 type BlockError struct {
 	Block  int   // 0-based block number
 	Offset int64 // payload offset of its member
 	Reason string
+	Err    error // the underlying error, if any (a read error, a check's)
 }
 
 func (e *BlockError) Error() string {
 	return fmt.Sprintf("compressed block %d (at payload byte %d): %s", e.Block, e.Offset, e.Reason)
 }
+
+func (e *BlockError) Unwrap() error { return e.Err }
 
 // ErrNotSeekable is returned for a gzip payload that is not a seekable
 // gzip, e.g. one made by gzip itself.

@@ -29,8 +29,11 @@ func ReadIndex(src io.ReaderAt, size int64, lim Limits) (*Index, error) {
 	if bs < MinBlockSize || bs > MaxBlockSize {
 		return nil, indexErr("block size %d outside %d..%d", bs, MinBlockSize, MaxBlockSize)
 	}
-	if f.clearSize > 1<<62 || (lim.MaxClearSize > 0 && int64(f.clearSize) > lim.MaxClearSize) {
-		return nil, indexErr("claims %d bytes of G-code, more than the %d allowed", f.clearSize, lim.MaxClearSize)
+	if f.clearSize > 1<<62 {
+		return nil, indexErr("claims %d bytes of G-code, an impossible size", f.clearSize)
+	}
+	if lim.MaxClearSize > 0 && int64(f.clearSize) > lim.MaxClearSize {
+		return nil, &LimitError{Claimed: int64(f.clearSize), Limit: lim.MaxClearSize}
 	}
 	clear := int64(f.clearSize)
 	n := (clear + bs - 1) / bs

@@ -10,7 +10,10 @@ import (
 	"io"
 	"math/rand"
 	"os/exec"
+	"strings"
 	"testing"
+
+	"github.com/klipper-encprint/encprint/helper/contract"
 )
 
 // gcode is deterministic G-code-like text of n bytes.
@@ -243,7 +246,8 @@ func TestBomb(t *testing.T) {
 	}
 	good := encode(t, gcode(3*MinBlockSize, 4), Options{BlockSize: MinBlockSize})
 	_, err = ReadIndex(bytes.NewReader(good), int64(len(good)), Limits{MaxClearSize: 2 * MinBlockSize})
-	if !errors.As(err, &ie) {
+	var le *LimitError
+	if !errors.As(err, &le) || le.Claimed != 3*MinBlockSize || le.Limit != 2*MinBlockSize {
 		t.Fatalf("over MaxClearSize: %v", err)
 	}
 }
@@ -279,4 +283,17 @@ func FuzzReadIndex(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The format's constants are those of proto/contract.json (which
+// helper/contract checks), so the Klipper extra sniffs what this writes.
+func TestFormatEqualsContract(t *testing.T) {
+	if string(Magic) != contract.SeekgzMagic || !strings.HasPrefix(contract.SeekgzMagic, contract.GzipMagic) ||
+		FooterSize != contract.FooterSize || Version != contract.FooterVersion ||
+		DefaultBlockSize != contract.DefaultBlockSize || MinBlockSize != contract.MinBlockSize || MaxBlockSize != contract.MaxBlockSize {
+		t.Fatal("helper/seekgz and helper/contract disagree")
+	}
+	if !IsGzip([]byte(contract.GzipMagic)) || IsGzip([]byte("\x1f")) || IsGzip([]byte("; G-code")) {
+		t.Fatal("IsGzip does not recognise the contract's magic")
+	}
 }

@@ -20,6 +20,14 @@ import (
 // It returns the *BlockError of the first bad block. Memory: two blocks per
 // worker.
 func (ix *Index) Validate(src io.ReaderAt, workers int) error {
+	return ix.ValidateEach(src, workers, nil)
+}
+
+// ValidateEach is Validate that also hands the cleartext of every good
+// block to check (from the worker that inflated it, so concurrently, in no
+// particular order; clear is valid only during the call). An error from
+// check fails the block: the *BlockError returned wraps it.
+func (ix *Index) ValidateEach(src io.ReaderAt, workers int, check func(block int, clear []byte) error) error {
 	n := ix.Blocks()
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
@@ -47,10 +55,16 @@ func (ix *Index) Validate(src io.ReaderAt, workers int) error {
 				if stop {
 					return
 				}
-				if _, err := d.block(src, i); err != nil {
+				clear, err := d.block(src, i)
+				if err == nil && check != nil {
+					if err = check(i, clear); err != nil {
+						err = &BlockError{Block: i, Offset: ix.Offsets[i], Reason: err.Error(), Err: err}
+					}
+				}
+				if err != nil {
 					var be *BlockError
 					if !errors.As(err, &be) {
-						be = &BlockError{Block: i, Offset: ix.Offsets[i], Reason: err.Error()}
+						be = &BlockError{Block: i, Offset: ix.Offsets[i], Reason: err.Error(), Err: err}
 					}
 					mu.Lock()
 					if first == nil || be.Block < first.Block {

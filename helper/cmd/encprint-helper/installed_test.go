@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/state"
 	"golang.org/x/sys/unix"
 )
@@ -154,7 +155,7 @@ func (in *installed) run(t testing.TB, helper, op, path, root, identity string) 
 	must(t, cmd.Start())
 	theirs.Close()
 	defer cmd.Wait()
-	req := map[string]interface{}{"type": "request", "protocol": 1, "op": op, "identity": identity}
+	req := map[string]interface{}{"type": "request", "protocol": contract.ProtocolVersion, "op": op, "identity": identity}
 	if op != "recipient" {
 		req["path"], req["root"] = path, root
 	}
@@ -412,7 +413,7 @@ func TestInstalledHelperKilledBeforeSendingStaysCounted(t *testing.T) {
 			break
 		}
 	}
-	body := encodeBody(t, map[string]interface{}{"type": "request", "protocol": 1, "op": "decrypt",
+	body := encodeBody(t, map[string]interface{}{"type": "request", "protocol": contract.ProtocolVersion, "op": "decrypt",
 		"path": filepath.Join(in.gcodes, "full.enc.gcode"), "root": in.gcodes, "identity": in.decoy,
 		"max_bytes": 0, "memfd_name": "encprint-killed"})
 	must(t, unix.Sendmsg(client, append(binary.BigEndian.AppendUint32(nil, uint32(len(body))), body...), nil, nil, 0))

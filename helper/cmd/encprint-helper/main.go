@@ -254,6 +254,9 @@ func classify(name string, err error) *ipc.Error {
 	var ce *encfile.ChunkError
 	var we *encfile.WindowError
 	var ue *encfile.UTF8Error
+	if e := classifyPayload(name, err); e != nil {
+		return e
+	}
 	switch {
 	case errors.As(err, &re):
 		return fail(contract.CodeIOError, "%s: %v; the storage may be failing (see dmesg): try again, or copy the file anew", name, err)
@@ -390,10 +393,13 @@ func decrypt(req *ipc.Request, conn *ipc.Conn, t *trust) (*os.File, *ipc.Decrypt
 		mf.Close()
 		return nil, nil, fail(contract.CodeInternal, "%v", err)
 	}
+	ef.SkipSHA256 = true // age authenticates every chunk; a v1 signature still gets its SHA-256
 	res, err := ef.DecryptInto(mapping, 0)
+	var gcodeSize int64
 	if err == nil {
-		// Before the print is counted: Klipper stops at a byte it cannot read.
-		err = encfile.CheckUTF8(mapping[:res.Size])
+		// Before the print is counted: Klipper stops at a byte it cannot
+		// read, and must never meet a compressed block that does not inflate.
+		gcodeSize, err = checkPayload(mapping[:res.Size])
 	}
 	if uerr := memfd.Unmap(mapping); uerr != nil && err == nil {
 		err = uerr
@@ -414,7 +420,10 @@ func decrypt(req *ipc.Request, conn *ipc.Conn, t *trust) (*os.File, *ipc.Decrypt
 		return nil, nil, e
 	}
 	out := &ipc.DecryptResult{Type: "result", Op: contract.OpDecrypt, FileID: ef.Public.FileID, Size: res.Size,
-		SHA256: res.SHA256[:], Seals: seals, MemfdName: req.MemfdName}
+		GcodeSize: gcodeSize, Seals: seals, MemfdName: req.MemfdName}
+	if res.SHA256 != ([32]byte{}) {
+		out.SHA256 = res.SHA256[:]
+	}
 	out.Publisher, out.SignatureValid = publisher(ef.Public)
 	return mf, out, nil
 }

@@ -224,8 +224,9 @@ class DecryptedFile:
 
     def __init__(self, fd: int, result: Dict[str, Any]) -> None:
         self.fd = fd
-        self.size: int = result["size"]
-        self.sha256: bytes = result["sha256"]
+        self.size: int = result["size"]  # of the memfd: the payload, maybe compressed
+        self.gcode_size: int = result["gcode_size"]
+        self.sha256: Optional[bytes] = result.get("sha256")  # only for sig v1 files
         self.file_id: bytes = result["file_id"]
         self.memfd_name: str = result["memfd_name"]
         self.seals: int = result["seals"]
@@ -907,8 +908,9 @@ class JobTracker:
 
     def begin(self, name: str, df: DecryptedFile, user: Optional[UserInfo]) -> None:
         """The memfd df was registered with Klipper for name."""
-        record = {"filename": name, "file_id": df.file_id.hex(), "sha256": df.sha256.hex(),
-                  "size": df.size, "publisher": df.publisher,
+        record = {"filename": name, "file_id": df.file_id.hex(),
+                  "sha256": df.sha256.hex() if df.sha256 else None,
+                  "size": df.gcode_size, "memfd_size": df.size, "publisher": df.publisher,
                   "user": getattr(user, "username", None), "start_time": None,
                   "end_time": None, "result": "starting", "decrypt_ms": df.elapsed_ms}
         rid = f"{time.time():017.6f}-{secrets.token_hex(3)}"
@@ -1104,7 +1106,8 @@ class PrintStarter:
             df = await self._decrypt(name, res)
             consumed = await self._register(name, df)
             self.jobs.begin(name, df, user)
-            logging.info(f"encrypted_print: {name} decrypted ({df.size} bytes in "
+            logging.info(f"encrypted_print: {name} decrypted ({df.gcode_size} bytes of G-code, "
+                         f"{df.size} in memory, in "
                          f"{df.elapsed_ms:.0f} ms) and registered with Klipper")
             return consumed
 

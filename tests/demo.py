@@ -114,9 +114,10 @@ def main() -> int:
         say("6. Summary")
         say(f"   print result:      {state}")
         say(f"   audit record:      {rec['filename']}, file id {rec['file_id']}, "
-            f"print {rec['print_number']} of 3, sha256 {rec['sha256'][:16]}...")
+            f"print {rec['print_number']} of 3")
         say(f"   decrypt time:      {rec['decrypt_ms']:.1f} ms for "
-            f"{rec['size'] / 1048576:.1f} MiB of G-code")
+            f"{rec['size'] / 1048576:.1f} MiB of G-code "
+            f"({rec['memfd_size'] / 1048576:.1f} MiB in memory)")
         found = scan(root, canary.encode())
         say(f"   cleartext scan:    {'NONE FOUND' if not found else 'FOUND IN ' + str(found)}"
             f" (canary searched in {root} and {tempfile.gettempdir()})")

@@ -373,3 +373,14 @@ func (f *File) explain(err error, off int64, n int) error {
 	// was read (a new upload over it), which is a read problem, not tampering.
 	return &ReadError{Offset: f.Header.Size() + nonceSize, Err: fmt.Errorf("the file read differently twice (%v); was it replaced during the read?", err)}
 }
+
+// Head returns the first min(n, PlainSize) bytes of the payload, enough to
+// tell a seekable gzip from G-code (seekgz.IsGzip). It authenticates the
+// chunk they are in.
+func (f *File) Head(n int) ([]byte, error) {
+	b := make([]byte, min(int64(n), f.PlainSize))
+	if _, err := f.plain.ReadAt(b, 0); err != nil && !(err == io.EOF && len(b) > 0) {
+		return nil, f.explain(err, 0, len(b))
+	}
+	return b, nil
+}

@@ -3,9 +3,7 @@
 package main
 
 import (
-	"bytes"
 	"errors"
-	"runtime"
 
 	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
@@ -20,32 +18,11 @@ import (
 const maxGcodeSize = 4 << 30
 
 // checkPayload checks the decrypted payload before the memfd is sealed and
-// returns the size of the G-code it holds. A plain payload must be UTF-8,
-// which Klipper requires. A payload starting with the gzip magic must be a
-// seekable gzip (docs/format.md) whose index describes it and whose every
-// block inflates to its cleartext, which must be UTF-8 (the offsets of an
-// error are G-code offsets): Klipper then never meets a block it cannot
-// read, hours into a print.
+// returns the size of the G-code it holds: Klipper then never meets a byte
+// it cannot read, nor a compressed block that does not inflate, hours into
+// a print.
 func checkPayload(payload []byte) (int64, error) {
-	if !seekgz.IsGzip(payload) {
-		return int64(len(payload)), encfile.CheckUTF8(payload)
-	}
-	src := bytes.NewReader(payload)
-	ix, err := seekgz.ReadIndex(src, int64(len(payload)), seekgz.Limits{MaxClearSize: maxGcodeSize})
-	if err != nil {
-		return 0, err
-	}
-	u := encfile.NewUTF8Blocks(ix.BlockSize, ix.Blocks())
-	err = ix.ValidateEach(src, runtime.GOMAXPROCS(0), u.Block)
-	var be *seekgz.BlockError
-	var ue *encfile.UTF8Error
-	switch {
-	case errors.As(err, &be) && errors.As(err, &ue):
-		return 0, u.First(be.Block, ue)
-	case err != nil:
-		return 0, err
-	}
-	return ix.ClearSize, u.First(-1, nil)
+	return encfile.CheckPayload(payload, maxGcodeSize)
 }
 
 // classifyPayload maps the errors of checkPayload that are about the

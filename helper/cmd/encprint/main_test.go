@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -200,5 +202,79 @@ func TestPostQuantumIdentity(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "mixed.gcode")); err == nil {
 		t.Fatal("a file was written for mixed recipients")
+	}
+}
+
+// encprint encrypt compresses and signs v2 by default; stock age and gunzip
+// give the G-code back byte for byte, --no-compress keeps it as it is, and
+// verify reports the G-code's own size and SHA-256 either way, also for a
+// v1-signed file.
+func TestEncryptCompressesAndSignsV2ByDefault(t *testing.T) {
+	for _, tool := range []string{"age", "gunzip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	dir := t.TempDir()
+	key := filepath.Join(dir, "printer.key")
+	rcpt, _, _ := run(t, nil, "keygen", "-o", key)
+	pub := filepath.Join(dir, "publisher.key")
+	run(t, nil, "sign-keygen", "-o", pub)
+	var b strings.Builder
+	for i := 0; b.Len() < 300<<10; i++ { // several 64 KiB blocks, one partial
+		fmt.Fprintf(&b, "G1 X%d.%03d Y%d E%d.5 ; Teil-ü line %d\n", i%200, i%1000, i%97, i%13, i)
+	}
+	text := b.String()
+	want := fmt.Sprintf("%d bytes of G-code", len(text))
+	wantSum := fmt.Sprintf("sha256 %x", sha256.Sum256([]byte(text)))
+	in := filepath.Join(dir, "big.gcode")
+	os.WriteFile(in, []byte(text), 0o644)
+	for _, c := range []struct {
+		flag       string
+		compressed bool
+	}{{"", true}, {"--no-compress", false}} {
+		out := filepath.Join(dir, "out"+c.flag+".enc.gcode")
+		args := []string{"encrypt", "-r", strings.TrimSpace(rcpt), "--sign", pub, "-o", out}
+		if c.flag != "" {
+			args = append(args, c.flag)
+		}
+		if _, stderr, err := run(t, nil, append(args, in)...); err != nil {
+			t.Fatalf("encrypt %s: %v %s", c.flag, err, stderr)
+		}
+		data, _ := os.ReadFile(out)
+		if !bytes.Contains(data, []byte("\n-> encprint/sig v2\n")) {
+			t.Fatalf("encrypt %s: no v2 signature stanza", c.flag)
+		}
+		payload, err := exec.Command("age", "-d", "-i", key, out).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := bytes.HasPrefix(payload, []byte{0x1f, 0x8b}); got != c.compressed {
+			t.Fatalf("encrypt %s: payload compressed %v, want %v", c.flag, got, c.compressed)
+		}
+		clear := payload
+		if c.compressed {
+			if len(payload) > len(text)/3 {
+				t.Fatalf("compressed payload is %d bytes for %d of G-code", len(payload), len(text))
+			}
+			gz := exec.Command("gunzip")
+			gz.Stdin = bytes.NewReader(payload)
+			if clear, err = gz.Output(); err != nil {
+				t.Fatalf("gunzip: %v", err)
+			}
+		}
+		if string(clear) != text {
+			t.Fatalf("encrypt %s: age -d (| gunzip) does not give the G-code back", c.flag)
+		}
+		got, stderr, err := run(t, nil, "verify", "-i", key, out)
+		if err != nil || !strings.Contains(got, want) || !strings.Contains(got, wantSum) {
+			t.Fatalf("verify %s: %v %q %s, want %q and %q", c.flag, err, got, stderr, want, wantSum)
+		}
+	}
+	// A file signed v1 by an earlier encprint still verifies.
+	v1 := "../../../proto/testdata/vectors/full.enc.gcode"
+	got, stderr, err := run(t, nil, "verify", "-i", "../../../proto/testdata/vectors/printer.key", v1)
+	if err != nil || !strings.Contains(got, "authentic, 156118 bytes of G-code, sha256 2f7be729") {
+		t.Fatalf("verify of a v1-signed file: %v %q %s", err, got, stderr)
 	}
 }

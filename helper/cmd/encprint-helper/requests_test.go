@@ -212,10 +212,19 @@ func (c *requestCase) makeFiles(t *testing.T, root string) {
 // every descriptor and returns how many arrived. A nil message is the end
 // of the connection.
 func recvMessage(t testing.TB, fd int) (map[string]interface{}, int) {
+	m, fds := recvMessageFDs(t, fd)
+	for _, r := range fds {
+		unix.Close(r)
+	}
+	return m, len(fds)
+}
+
+// recvMessageFDs is recvMessage that returns the descriptors, open.
+func recvMessageFDs(t testing.TB, fd int) (map[string]interface{}, []int) {
 	buf := make([]byte, contract.MaxRecord)
 	oob := make([]byte, unix.CmsgSpace(4))
 	var body []byte
-	want, fds := -1, 0
+	want, fds := -1, []int(nil)
 	for {
 		n, oobn, flags, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
 		if errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EINTR) {
@@ -231,10 +240,7 @@ func recvMessage(t testing.TB, fd int) (map[string]interface{}, int) {
 			msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
 			for _, m := range msgs {
 				rights, _ := unix.ParseUnixRights(&m)
-				for _, r := range rights {
-					unix.Close(r)
-					fds++
-				}
+				fds = append(fds, rights...)
 			}
 		}
 		if n == 0 {

@@ -7,6 +7,7 @@ import fcntl
 import importlib.util
 import json
 import re
+import struct
 
 import pytest
 from conftest import ROOT
@@ -89,3 +90,23 @@ def test_component_requests_carry_exactly_the_required_keys(ep):
         if op == "decrypt":
             req.update(max_bytes=0, memfd_name="encprint-x")  # as decrypt() adds
         assert sorted(req) == sorted(spec["required"]), op
+
+
+def test_payload_values_describe_the_committed_seekable_gzips():
+    """The payload section (which the extra sniffs and the helper writes)
+    matches the committed seekgz vectors: every valid one starts with
+    seekgz_magic (or, empty, is its footer alone) and ends in a footer member
+    of footer_size bytes with the stated version and block-size bounds."""
+    p = CONTRACT["payload"]
+    magic, gz = bytes.fromhex(p["seekgz_magic"]), bytes.fromhex(p["gzip_magic"])
+    assert magic.startswith(gz) and len(magic) == 16
+    vectors = json.loads((ROOT / "proto/testdata/seekgz/vectors.json").read_text())
+    for v in (v for v in vectors if v["expect"] == "success"):
+        data = (ROOT / "proto/testdata/seekgz" / v["file"]).read_bytes()
+        footer = data[-p["footer_size"]:]
+        assert footer.startswith(gz) and footer[12:14] == b"Ef", v["file"]
+        version, block = struct.unpack_from("<II", footer, 16)
+        assert version == p["footer_version"], v["file"]
+        assert p["min_block_size"] <= block <= p["max_block_size"], v["file"]
+        assert data.startswith(magic) or len(data) == p["footer_size"], v["file"]
+    assert p["min_block_size"] <= p["default_block_size"] <= p["max_block_size"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import importlib
 import json
 import os
@@ -18,6 +19,8 @@ import sys
 import pytest
 from conftest import ROOT, Keys, open_fds
 from gcodegen import new_canary, sample_gcode
+
+CONTRACT = json.loads((ROOT / "proto" / "contract.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -58,13 +61,26 @@ def put(gcodes: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
     return p
 
 
-def test_decrypt_gives_a_sealed_memfd_with_the_original_content(ep, client, keys, gcodes, run):
+SEEKGZ_MAGIC = bytes.fromhex(CONTRACT["payload"]["seekgz_magic"])
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-compress",)], ids=["compressed", "plain"])
+def test_decrypt_gives_a_sealed_memfd_with_the_original_content(ep, client, keys, gcodes, run,
+                                                                flags):
+    """encprint's default payload is a seekable gzip: the memfd holds it
+    verbatim (the Klipper extra inflates it), gcode_size is the G-code's."""
     plain = sample_gcode(layers=30)
-    path = put(gcodes, "part.gcode", keys.encrypt(plain))
+    path = put(gcodes, "part.gcode", keys.encrypt(plain, *flags))
     df = run(client.decrypt(str(path), str(gcodes)))
     try:
-        assert df.size == len(plain)
-        assert os.pread(df.fd, len(plain) + 10, 0) == plain
+        content = os.pread(df.fd, df.size + 10, 0)
+        assert len(content) == df.size and df.gcode_size == len(plain)
+        if flags:
+            assert content == plain
+        else:
+            assert content.startswith(SEEKGZ_MAGIC) and df.size < len(plain) // 4
+            assert gzip.decompress(content) == plain  # concatenated members, as gunzip reads them
+        assert df.sha256 is None  # unsigned: age's AEAD alone, no serial SHA-256
         assert df.seals & ep.ALL_SEALS == ep.ALL_SEALS
         assert os.get_inheritable(df.fd) is False, "received fd must be close-on-exec"
         # Through our own descriptor...
@@ -82,7 +98,7 @@ def test_decrypt_gives_a_sealed_memfd_with_the_original_content(ep, client, keys
                     attempt()
         finally:
             os.close(rw)
-        assert os.pread(df.fd, len(plain), 0) == plain
+        assert os.pread(df.fd, df.size, 0) == content
     finally:
         df.close()
 
@@ -95,7 +111,7 @@ def test_another_process_reads_the_memfd_through_proc_from_offset_zero(client, k
         code = ("import sys; f=open(sys.argv[1],'rb'); sys.stdout.buffer.write(f.read())")
         out = subprocess.run([sys.executable, "-c", code, f"/proc/{os.getpid()}/fd/{df.fd}"],
                              capture_output=True, check=True).stdout
-        assert out == plain
+        assert gzip.decompress(out) == plain
         # The reader had its own open file description: our offset did not move.
         assert os.lseek(df.fd, 0, os.SEEK_CUR) == 0
     finally:
@@ -103,7 +119,8 @@ def test_another_process_reads_the_memfd_through_proc_from_offset_zero(client, k
 
 
 def test_inspect_reports_authenticated_metadata_and_policy(client, keys, gcodes, run):
-    path = put(gcodes, "part.gcode", keys.encrypt(sample_gcode(), "--max-prints", "2"))
+    path = put(gcodes, "part.gcode", keys.encrypt(sample_gcode(), "--max-prints", "2",
+                                                  "--no-compress"))
     res = run(client.inspect(str(path), str(gcodes)))
     assert res["authenticated"] is True
     assert res["metadata"]["slicer"] == "PrusaSlicer"
@@ -174,7 +191,7 @@ def tamper(data: bytes, what: str) -> bytes:
 def test_bad_input_gets_a_specific_error(ep, binaries, client, keys, gcodes, tmp_path, run,
                                          case, code, words):
     plain = sample_gcode(layers=120)  # > 2 chunks
-    data = keys.encrypt(plain)
+    data = keys.encrypt(plain, "--no-compress")  # chunk numbers of the G-code itself
     name = f"{case}.gcode"
     kwargs = {}
     if case == "plain":
@@ -269,8 +286,8 @@ def raw_helper(binaries, payload: bytes):
     ("proto2", "protocol_mismatch"),
 ])
 def test_malformed_requests_are_refused(ep, binaries, payload, code):
-    req = {"type": "request", "protocol": ep.PROTOCOL_VERSION, "op": "frobnicate", "path": "/x", "root": "/",
-           "identity": "/x", "max_bytes": 0, "memfd_name": ""}
+    req = {"type": "request", "protocol": ep.PROTOCOL_VERSION, "op": "frobnicate", "path": "/x",
+           "root": "/", "identity": "/x", "max_bytes": 0, "memfd_name": ""}
     if payload is None:
         payload = ep.frame(req)
     elif payload == "proto2":
@@ -282,17 +299,18 @@ def test_malformed_requests_are_refused(ep, binaries, payload, code):
 
 def test_helper_of_another_protocol_version_is_refused_with_the_remedy(ep, binaries, keys,
                                                                         gcodes, tmp_path, run):
-    """A real helper built from this source with protocol 2, as after an update
+    """A real helper built from this source with the next protocol, as after an update
     that changed the protocol (go build -overlay swaps the contract file)."""
     ver = tmp_path / "contract.go"
     contract_go = ROOT / "helper/contract/contract.go"
     original = contract_go.read_text()
-    src = original.replace("const ProtocolVersion = 1", "const ProtocolVersion = 2")
+    src = original.replace(f"const ProtocolVersion = {ep.PROTOCOL_VERSION}",
+                           f"const ProtocolVersion = {ep.PROTOCOL_VERSION + 1}")
     assert src != original, "helper/contract/contract.go no longer defines ProtocolVersion so"
     ver.write_text(src)
     overlay = tmp_path / "overlay.json"
     overlay.write_text(json.dumps({"Replace": {str(contract_go): str(ver)}}))
-    newer = tmp_path / "encprint-helper-v2"
+    newer = tmp_path / "encprint-helper-next"
     subprocess.run(["go", "build", "-overlay", str(overlay), "-o", str(newer),
                     "./helper/cmd/encprint-helper"], cwd=ROOT, check=True)
     path = put(gcodes, "part.gcode", keys.encrypt(b"G1 X1\n"))
@@ -300,7 +318,8 @@ def test_helper_of_another_protocol_version_is_refused_with_the_remedy(ep, binar
     with pytest.raises(ep.HelperError) as ei:
         run(client.decrypt(str(path), str(gcodes)))
     assert ei.value.code == "protocol_mismatch"
-    assert "speaks protocol 2 but this component speaks 1" in ei.value.message
+    assert (f"speaks protocol {ep.PROTOCOL_VERSION + 1} but this component speaks "
+            f"{ep.PROTOCOL_VERSION}") in ei.value.message
     assert "make build" in ei.value.message
 
 
@@ -318,7 +337,8 @@ def big_encrypted(binaries, tmp_path_factory):
     line = b"G1 X12.345 Y67.890 F3000 ; padding to make a long file\n"
     plain = line * (256 * 1024 * 1024 // len(line))
     d = tmp_path_factory.mktemp("big")
-    (d / "big.gcode").write_bytes(keys.encrypt(plain))
+    # Uncompressed: this repeated line would compress a thousandfold.
+    (d / "big.gcode").write_bytes(keys.encrypt(plain, "--no-compress"))
     return keys, d
 
 
@@ -485,3 +505,27 @@ def test_channel_reads_the_last_record_queued_behind_a_connection_reset(ep, run)
     finally:
         ours.close()
     assert msg["code"] == "bad_request" and fd is None
+
+
+PAYLOAD_CASES = json.loads((ROOT / "proto/testdata/vectors/payload.json").read_text())
+
+
+@pytest.mark.parametrize("case", [c for c in PAYLOAD_CASES if c["expect"] != "success"],
+                         ids=lambda c: c["file"])
+def test_a_bad_compressed_payload_is_refused_before_any_fd(ep, binaries, gcodes, tmp_path, run,
+                                                           case):
+    """Designer-crafted payloads inside an authentic encryption (age's AEAD
+    passes them): the real helper refuses each with its code and the file's
+    name, and no descriptor reaches the component."""
+    identity = tmp_path / "printer.key"
+    shutil.copy(ROOT / "proto/testdata/vectors/printer.key", identity)
+    identity.chmod(0o600)
+    shutil.copy(ROOT / "proto/testdata/vectors" / case["file"], gcodes / "part.gcode")
+    client = ep.HelperClient(str(binaries / "encprint-helper"), str(identity))
+    before = open_fds()
+    with pytest.raises(ep.HelperError) as ei:
+        run(client.decrypt(str(gcodes / "part.gcode"), str(gcodes)))
+    assert ei.value.code == case["expect"], ei.value.message
+    assert ei.value.message.startswith("part.gcode")
+    assert all(w in ei.value.message for w in case["words"]), ei.value.message
+    assert open_fds() == before

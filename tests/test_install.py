@@ -234,20 +234,20 @@ def test_install_print_reinstall_and_uninstall(home, tmp_path, binaries):
 def test_update_to_a_new_protocol_refuses_with_the_command_then_reinstall_fixes(home, binaries):
     home.run("bash", str(home.repo / "install.sh"), "--no-restart", check=True)
     # The update manager pulls a commit whose component and helper speak
-    # protocol 2; it does not rebuild the helper.
+    # protocol 3; it does not rebuild the helper.
     comp = home.repo / "moonraker-component/encrypted_print.py"
     ver = home.repo / "helper/contract/contract.go"
-    for path, old, new in ((comp, "PROTOCOL_VERSION = 1", "PROTOCOL_VERSION = 2"),
-                           (ver, "const ProtocolVersion = 1", "const ProtocolVersion = 2")):
+    for path, old, new in ((comp, "PROTOCOL_VERSION = 2", "PROTOCOL_VERSION = 3"),
+                           (ver, "const ProtocolVersion = 2", "const ProtocolVersion = 3")):
         text = path.read_text()
         assert old in text, f"{path} no longer says {old!r}: update this test"
         path.write_text(text.replace(old, new))
-    home.run("git", "-C", str(home.repo), "commit", "-qam", "protocol 2", check=True)
+    home.run("git", "-C", str(home.repo), "commit", "-qam", "protocol 3", check=True)
     k, m, ui = start_installed(home)
     try:
         status = ui.get("/server/encrypted_print/status")["result"]
         msg = status["problems"]["helper"]
-        assert "speaks protocol 1 but this component speaks 2" in msg
+        assert "speaks protocol 2 but this component speaks 3" in msg
         assert f"{home.repo}/install.sh" in msg
         keys = Keys.__new__(Keys)
         keys.bin = binaries

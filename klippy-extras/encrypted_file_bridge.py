@@ -166,16 +166,23 @@ class SeekgzRaw(io.RawIOBase):
     # The G-code inside a seekable gzip memfd, at the G-code's byte offsets:
     # each read inflates at most one block (bounded, CRC-checked) and keeps
     # it. Reads with pread, never maps the memfd. Reads are refused once
-    # Klipper is shut down, as _MemfdRaw's. The lock makes every call safe
-    # from virtual_sdcard's I/O thread (Klipper master) and the reactor.
-    def __init__(self, fd, path, label, printer, index):
+    # Klipper is shut down, as _MemfdRaw's. With an executor (Klipper
+    # master's virtual_sdcard I/O thread) a read runs on that thread, as
+    # master reads its own files, while the reactor goes on; the lock
+    # orders it with seek, tell and close, which run where they are called.
+    # A close while a read is queued or running closes the memfd when that
+    # read is done, so the read never meets a closed (or reused) fd.
+    def __init__(self, fd, path, label, printer, index, executor=None):
         io.RawIOBase.__init__(self)
         self.name = path    # what virtual_sdcard reports as file_path
         self._fd = fd
         self._label = label
         self._printer = printer
         self._index = index
+        self._executor = executor
         self._lock = threading.Lock()
+        self._reads = 0
+        self._close_after_read = False
         self._pos = 0
         self._block = -1
         self._data = b""
@@ -205,17 +212,30 @@ class SeekgzRaw(io.RawIOBase):
             raise ShutdownRead("read refused after shutdown (encrypted file)")
         with self._lock:
             self._checkClosed()
-            ix = self._index
-            if self._pos >= ix.clear_size:
-                return 0
-            i = self._pos // ix.block_size
-            if i != self._block:
-                self._load(i)
-            start = self._pos - i * ix.block_size
-            n = min(len(b), len(self._data) - start)
-            b[:n] = self._data[start:start + n]
-            self._pos += n
-            return n
+            self._reads += 1
+        if self._executor is None:
+            return self._read(b)
+        return self._executor.submit(self._read, b)
+    def _read(self, b):
+        with self._lock:
+            try:
+                return self._copy(b)
+            finally:
+                self._reads -= 1
+                if self._close_after_read and not self._reads:
+                    self._close()
+    def _copy(self, b):
+        ix = self._index
+        if self._pos >= ix.clear_size:
+            return 0
+        i = self._pos // ix.block_size
+        if i != self._block:
+            self._load(i)
+        start = self._pos - i * ix.block_size
+        n = min(len(b), len(self._data) - start)
+        b[:n] = self._data[start:start + n]
+        self._pos += n
+        return n
     def _load(self, i):
         ix = self._index
         want = min(ix.block_size, ix.clear_size - i * ix.block_size)
@@ -245,13 +265,18 @@ class SeekgzRaw(io.RawIOBase):
                             self._label, what))
     def close(self):
         with self._lock:
-            if self.closed:
-                return
-            self._data = b""
-            try:
-                os.close(self._fd)
-            finally:
-                io.RawIOBase.close(self)
+            if self._reads:
+                self._close_after_read = True
+            else:
+                self._close()
+    def _close(self):
+        if self.closed:
+            return
+        self._data = b""
+        try:
+            os.close(self._fd)
+        finally:
+            io.RawIOBase.close(self)
 
 
 class _Text(io.TextIOWrapper):
@@ -291,23 +316,22 @@ class _Registration:
         self.expires = expires
         if index is None:
             self.raw = _MemfdRaw(fd, path, printer)
-            buffered = self.raw
         else:
-            self.raw = SeekgzRaw(fd, path, name, printer, index)
-            buffered = self.raw
-            if executor is not None:
-                buffered = executor.wrap_obj(self.raw)
-        self.file = _Text(_GuardedBuffer(buffered), encoding='utf-8',
+            self.raw = SeekgzRaw(fd, path, name, printer, index, executor)
+        self.file = _Text(_GuardedBuffer(self.raw), encoding='utf-8',
                           newline='')
         self.file.printer = printer
     def close(self):
+        # The raw first: with a read in flight on virtual_sdcard's thread the
+        # buffer above it is busy (closing it would be a reentrant call);
+        # the raw then closes the memfd when that read is done.
+        self.raw.close()
+        if not self.raw.closed:
+            return
         try:
             self.file.close()
         except Exception:
             logging.exception("encrypted_file_bridge close")
-        # Closed even when the buffer could not be (a read in flight on
-        # virtual_sdcard's thread): the raw's lock waits for that read.
-        self.raw.close()
 
 
 class _RedactingGCode:
@@ -786,7 +810,7 @@ class EncryptedFileBridge:
         # Klipper master reads its files on virtual_sdcard's executor thread
         # (extras/aio_executor.py); older Klipper and Kalico have none.
         executor = getattr(self.vsd, 'executor', None)
-        if callable(getattr(executor, 'wrap_obj', None)):
+        if callable(getattr(executor, 'submit', None)):
             return executor
         return None
     def _seekgz_index(self, fd, size, filename):

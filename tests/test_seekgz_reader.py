@@ -312,3 +312,53 @@ def test_format_vectors(case, tmp_path):
     finally:
         f.close()
     assert open_fds() == before
+
+
+class ThreadExecutor:
+    """A stand-in for Klipper master's aio_executor (klippy/extras/
+    aio_executor.py: one worker thread, submit waits for the result), named
+    as such: the real one needs a reactor. Holds each read until released,
+    so the test can act while a read is in flight."""
+
+    def __init__(self) -> None:
+        import threading
+        self.started, self.release = threading.Event(), threading.Event()
+        self.threads: list = []
+
+    def submit(self, fn, *args):
+        import threading
+        out: list = []
+
+        def run() -> None:
+            self.threads.append(threading.current_thread().name)
+            self.started.set()
+            self.release.wait(10)
+            out.append(fn(*args))
+        t = threading.Thread(target=run, name="vsd-io")
+        t.start()
+        self.thread = t
+        return out
+
+
+def test_reads_run_on_the_io_thread_and_close_waits_for_them(payload, clear, tmp_path):
+    """On Klipper master a read runs on virtual_sdcard's I/O thread while the
+    reactor goes on; closing the file then (a shutdown, a cancel) must not
+    close the memfd under that read, and closes it once the read is done."""
+    fd = sealed_memfd(payload)
+    raw = sr.SeekgzRaw(fd, str(tmp_path / "t.gcode"), "t.gcode", Printer(),
+                       sr.SeekgzIndex(fd, len(payload)), ThreadExecutor())
+    ex = raw._executor
+    raw.seek(BLOCK - 2)
+    buf = bytearray(10)
+    out = raw.readinto(buf)               # in flight on the I/O thread
+    assert ex.started.wait(5)
+    before = open_fds()
+    raw.close()                           # from the "reactor" meanwhile
+    assert open_fds() == before, "the memfd was closed under a read in flight"
+    ex.release.set()
+    ex.thread.join(5)
+    assert out == [2] and bytes(buf[:2]) == clear[BLOCK - 2:BLOCK]
+    assert ex.threads == ["vsd-io"]
+    assert raw.closed and open_fds() == before - 1
+    with pytest.raises(ValueError):
+        raw.readinto(bytearray(1))

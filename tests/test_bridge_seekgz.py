@@ -142,7 +142,8 @@ def test_pause_resume_and_m26_forward_at_block_boundaries(printer, compress):
     assert "cannot go back" in msg, msg
     where = (lambda b: b * BLOCK,                            # a block's first byte
              lambda b: b * BLOCK + BLOCK // 2 + M117,        # the middle of one
-             lambda b: (b + 1) * BLOCK - LINE + M117)        # a block's last line
+             lambda b: (b + 1) * BLOCK - LINE + M117,        # a block's last line
+             lambda b: (b + 1) * BLOCK - 1)                  # its last byte, a newline
     for at in where:
         target = at(pos // BLOCK + 4)
         printer.ok(f"M26 S{target}")

@@ -174,6 +174,8 @@ def main() -> int:
                     "its body repeated)")
     ap.add_argument("--cache", help="folder for the sliced G-code (default: a new temp dir)")
     ap.add_argument("--plain", action="store_true", help="print the clear G-code too")
+    ap.add_argument("--only-plain", action="store_true",
+                    help="print only the clear G-code (the reference for klippy's RSS)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "seekgz_print.json"))
     args = ap.parse_args()
@@ -197,8 +199,10 @@ def main() -> int:
                                         capture_output=True, text=True).stdout)
         load = os.getloadavg()
         stall = inflate_stall.measure(payload, 1)
-        rows: List[Dict] = [print_memfd(work, payload, "seekgz", args.timeout)]
-        if args.plain:
+        rows: List[Dict] = []
+        if not args.only_plain:
+            rows.append(print_memfd(work, payload, "seekgz", args.timeout))
+        if args.plain or args.only_plain:
             rows.append(print_memfd(work, gcode, "plain", args.timeout))
         clear = gcode.stat().st_size
         for row in rows:

@@ -3,9 +3,9 @@
 Klipper's extra inflates one block of a seekable gzip memfd (docs/format.md)
 inside Klipper's reactor when virtual_sdcard reads into it. This measures,
 for each block size, the time to inflate every block of a dense PrusaSlicer
-file (bench/dense_gcode.py) with the reader the extra uses
-(tests/seekgz_reader.py) from a real memfd: the thread CPU time (the block's
-own cost, immune to the other sessions sharing the machine; min of --repeat)
+file (bench/dense_gcode.py) with the reader the extra uses (SeekgzRaw in
+klippy-extras/encrypted_file_bridge.py) from a real memfd: the thread CPU
+time (the block's own cost, immune to the other sessions sharing the machine; min of --repeat)
 and the wall time (with the noise). JSON in bench/results/inflate_stall.json.
 """
 from __future__ import annotations
@@ -25,7 +25,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import dense_gcode  # noqa: E402
 import report  # noqa: E402
-import seekgz_reader  # noqa: E402
+
+
+def load_bridge():
+    import importlib.util
+    path = ROOT / "klippy-extras" / "encrypted_file_bridge.py"
+    spec = importlib.util.spec_from_file_location("encrypted_file_bridge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bridge = load_bridge()
 
 
 class Running:
@@ -54,7 +65,10 @@ def rss_kib() -> int:
 def sequential(fd: int, size: int, name: str) -> dict:
     """Read the whole G-code as virtual_sdcard does (text, 8 KiB reads):
     how fast, and how much this process's RSS grows meanwhile."""
-    f = seekgz_reader.open_text(os.dup(fd), size, name, Running())
+    dup = os.dup(fd)
+    f = bridge._Registration("bench.gcode", name, dup, size, Running(), 0,
+                             bridge.SeekgzIndex(dup, size)).file
+    f.printer = Running()
     before = peak = rss_kib()
     t = time.perf_counter()
     n = 0
@@ -74,8 +88,8 @@ def sequential(fd: int, size: int, name: str) -> dict:
 def measure(payload: pathlib.Path, repeat: int) -> dict:
     size = payload.stat().st_size
     fd = memfd_of(payload)
-    ix = seekgz_reader.SeekgzIndex(fd, size)
-    raw = seekgz_reader.SeekgzRaw(fd, str(payload), Running(), ix)
+    ix = bridge.SeekgzIndex(fd, size)
+    raw = bridge.SeekgzRaw(fd, str(payload), "bench.gcode", Running(), ix)
     cpu, wall = [], []
     for i in range(ix.blocks()):
         best_cpu, best_wall = float("inf"), 0.0

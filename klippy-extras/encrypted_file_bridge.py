@@ -8,7 +8,8 @@
 # inside Klipper's executor. See docs/adr/009-lockdown.md of klipper-encprint.
 #
 # This file may be distributed under the terms of the GNU GPLv3 license.
-import fcntl, importlib, io, logging, os, re, socket, stat, struct
+import array, fcntl, importlib, io, itertools, logging, os, re, socket
+import stat, struct, threading, zlib
 
 MAGIC = b"age-encryption.org/v1\n"
 ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
@@ -40,7 +41,23 @@ LOCKDOWN_GRACE = 35.
 _REGISTERED = set()
 
 
+# A decrypted payload that is a seekable gzip (docs/format.md of
+# klipper-encprint): block members, index members, a footer member.
+_GZ_HEAD = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+SEEKGZ_MAGIC = _GZ_HEAD + b"\x08\x00Eb\x04\x00"
+SEEKGZ_FOOTER_HEAD = _GZ_HEAD + b"\x24\x00Ef\x20\x00"
+SEEKGZ_EMPTY_TAIL = b"\x03\x00" + b"\x00" * 8
+SEEKGZ_FOOTER_SIZE = len(SEEKGZ_FOOTER_HEAD) + 32 + len(SEEKGZ_EMPTY_TAIL)
+SEEKGZ_INDEX_MAX = (65535 - 4) // 4
+SEEKGZ_MIN_BLOCK, SEEKGZ_MAX_BLOCK = 4 << 10, 1 << 20
+SEEKGZ_MIN_MEMBER = len(SEEKGZ_MAGIC) + 4 + 2 + 8
+
+
 class ShutdownRead(IOError):
+    pass
+
+
+class SeekgzError(IOError):
     pass
 
 
@@ -79,6 +96,189 @@ class _GuardedBuffer(io.BufferedReader):
         return io.BufferedReader.readinto1(self, b)
 
 
+def _pread(fd, n, off):
+    data = os.pread(fd, n, off)
+    if len(data) != n:
+        raise SeekgzError("short read at byte %d of the memfd" % (off,))
+    return data
+
+
+def _member_bound(bs):
+    # The largest deflate of bs bytes (stored blocks) plus the gzip framing
+    return SEEKGZ_MIN_MEMBER + bs + 5 * (bs // 16383 + 1)
+
+
+class SeekgzIndex:
+    # The footer and index of a seekable gzip memfd, checked to add up. The
+    # helper inflated every block before the memfd left it; this refuses
+    # what does not add up, so no size is trusted blindly.
+    def __init__(self, fd, size):
+        if size < SEEKGZ_FOOTER_SIZE:
+            raise SeekgzError("too short for a seekable gzip footer")
+        foot = _pread(fd, SEEKGZ_FOOTER_SIZE, size - SEEKGZ_FOOTER_SIZE)
+        if (not foot.startswith(SEEKGZ_FOOTER_HEAD)
+                or not foot.endswith(SEEKGZ_EMPTY_TAIL)):
+            raise SeekgzError("no seekable gzip footer at its end")
+        version, bs, clear, ioff, nblocks, ilen = struct.unpack_from(
+            "<IIQQII", foot, len(SEEKGZ_FOOTER_HEAD))
+        if version != 1:
+            raise SeekgzError("seekable gzip version %d is not supported"
+                              % (version,))
+        if not SEEKGZ_MIN_BLOCK <= bs <= SEEKGZ_MAX_BLOCK:
+            raise SeekgzError("footer block size %d is out of range" % (bs,))
+        if (nblocks != (clear + bs - 1) // bs
+                or nblocks > size // SEEKGZ_MIN_MEMBER):
+            raise SeekgzError("footer block count %d does not match its"
+                              " G-code size %d" % (nblocks, clear))
+        if ioff + ilen + SEEKGZ_FOOTER_SIZE != size:
+            raise SeekgzError("index does not end at the footer")
+        raw = _pread(fd, ilen, ioff)
+        sizes = []
+        pos, left = 0, nblocks
+        while left:
+            k = min(left, SEEKGZ_INDEX_MAX)
+            head = _GZ_HEAD + struct.pack("<H2sH", 4 + 4 * k, b"Ei", 4 * k)
+            end = pos + len(head) + 4 * k
+            if (raw[pos:pos + len(head)] != head
+                    or raw[end:end + 10] != SEEKGZ_EMPTY_TAIL):
+                raise SeekgzError("malformed index member at byte %d"
+                                  % (ioff + pos,))
+            sizes.append(array.array('I', raw[pos + len(head):end]))
+            pos, left = end + 10, left - k
+        if pos != ilen:
+            raise SeekgzError("index length does not match its entries")
+        sizes = array.array('I', itertools.chain(*sizes))
+        if sizes and (min(sizes) < SEEKGZ_MIN_MEMBER
+                      or max(sizes) > _member_bound(bs)):
+            raise SeekgzError("index lists a block member of an impossible"
+                              " size for %d-byte blocks" % (bs,))
+        self.offsets = array.array('Q', [0])
+        self.offsets.extend(itertools.accumulate(sizes))
+        if self.offsets[-1] != ioff:
+            raise SeekgzError("blocks do not end where the index starts")
+        self.block_size = bs
+        self.clear_size = clear
+    def blocks(self):
+        return len(self.offsets) - 1
+
+
+class SeekgzRaw(io.RawIOBase):
+    # The G-code inside a seekable gzip memfd, at the G-code's byte offsets:
+    # each read inflates at most one block (bounded, CRC-checked) and keeps
+    # it. Reads with pread, never maps the memfd. Reads are refused once
+    # Klipper is shut down, as _MemfdRaw's. With an executor (Klipper
+    # master's virtual_sdcard I/O thread) a read runs on that thread, as
+    # master reads its own files, while the reactor goes on; the lock
+    # orders it with seek, tell and close, which run where they are called.
+    # A close while a read is queued or running closes the memfd when that
+    # read is done, so the read never meets a closed (or reused) fd.
+    def __init__(self, fd, path, label, printer, index, executor=None):
+        io.RawIOBase.__init__(self)
+        self.name = path    # what virtual_sdcard reports as file_path
+        self._fd = fd
+        self._label = label
+        self._printer = printer
+        self._index = index
+        self._executor = executor
+        self._lock = threading.Lock()
+        self._reads = 0
+        self._close_after_read = False
+        self._pos = 0
+        self._block = -1
+        self._data = b""
+    def readable(self):
+        return True
+    def seekable(self):
+        return True
+    def seek(self, offset, whence=io.SEEK_SET):
+        with self._lock:
+            self._checkClosed()
+            if whence == io.SEEK_CUR:
+                offset += self._pos
+            elif whence == io.SEEK_END:
+                offset += self._index.clear_size
+            elif whence != io.SEEK_SET:
+                raise ValueError("invalid whence %r" % (whence,))
+            if offset < 0:
+                raise ValueError("negative seek position %d" % (offset,))
+            self._pos = offset
+            return offset
+    def tell(self):
+        with self._lock:
+            self._checkClosed()
+            return self._pos
+    def readinto(self, b):
+        if self._printer.is_shutdown():
+            raise ShutdownRead("read refused after shutdown (encrypted file)")
+        with self._lock:
+            self._checkClosed()
+            self._reads += 1
+        if self._executor is None:
+            return self._read(b)
+        return self._executor.submit(self._read, b)
+    def _read(self, b):
+        with self._lock:
+            try:
+                return self._copy(b)
+            finally:
+                self._reads -= 1
+                if self._close_after_read and not self._reads:
+                    self._close()
+    def _copy(self, b):
+        ix = self._index
+        if self._pos >= ix.clear_size:
+            return 0
+        i = self._pos // ix.block_size
+        if i != self._block:
+            self._load(i)
+        start = self._pos - i * ix.block_size
+        n = min(len(b), len(self._data) - start)
+        b[:n] = self._data[start:start + n]
+        self._pos += n
+        return n
+    def _load(self, i):
+        ix = self._index
+        want = min(ix.block_size, ix.clear_size - i * ix.block_size)
+        self._block, self._data = -1, b""
+        try:
+            member = _pread(self._fd, ix.offsets[i + 1] - ix.offsets[i],
+                            ix.offsets[i])
+        except (OSError, IOError) as e:
+            raise self._error(i, "cannot be read (%s)" % (e,))
+        if not member.startswith(SEEKGZ_MAGIC):
+            raise self._error(i, "is not where the index says")
+        d = zlib.decompressobj(31)
+        try:
+            data = d.decompress(member, want + 1)
+        except zlib.error as e:
+            raise self._error(i, "does not inflate (%s)" % (e,))
+        if len(data) != want or not d.eof or d.unused_data:
+            raise self._error(i, "inflates to %d bytes, not %d"
+                              % (len(data), want))
+        self._block, self._data = i, data
+    def _error(self, i, what):
+        return SeekgzError(
+            "block %d (G-code bytes %d-%d) of encrypted file %s %s: its"
+            " decrypted copy is damaged; start the print again from"
+            " Moonraker" % (i, i * self._index.block_size,
+                            (i + 1) * self._index.block_size - 1,
+                            self._label, what))
+    def close(self):
+        with self._lock:
+            if self._reads:
+                self._close_after_read = True
+            else:
+                self._close()
+    def _close(self):
+        if self.closed:
+            return
+        self._data = b""
+        try:
+            os.close(self._fd)
+        finally:
+            io.RawIOBase.close(self)
+
+
 class _Text(io.TextIOWrapper):
     # Remembers a read that failed, so the print ends as an error (not as a
     # "paused" print stuck at that byte). After a shutdown it reads as
@@ -93,7 +293,11 @@ class _Text(io.TextIOWrapper):
         try:
             return io.TextIOWrapper.read(self, *args)
         except UnicodeDecodeError as e:
-            self.read_error = "%s at byte %d of a read" % (e.reason, e.start)
+            self.read_error = ("(%s at byte %d of a read): it is not UTF-8"
+                               " G-code" % (e.reason, e.start))
+            raise
+        except SeekgzError as e:
+            self.read_error = "(%s)" % (e,)
             raise
     def seek(self, *args):
         if self.printer.is_shutdown():
@@ -102,14 +306,28 @@ class _Text(io.TextIOWrapper):
 
 
 class _Registration:
-    def __init__(self, name, path, fd, size, printer, expires):
+    # index: a SeekgzIndex for a seekable gzip memfd, else None. executor:
+    # virtual_sdcard's I/O thread (Klipper master), which then inflates and
+    # reads, as master reads its own files; None: the reactor reads.
+    def __init__(self, name, path, fd, size, printer, expires, index=None,
+                 executor=None):
         self.name = name
         self.size = size
         self.expires = expires
-        raw = _MemfdRaw(fd, path, printer)
-        self.file = _Text(_GuardedBuffer(raw), encoding='utf-8', newline='')
+        if index is None:
+            self.raw = _MemfdRaw(fd, path, printer)
+        else:
+            self.raw = SeekgzRaw(fd, path, name, printer, index, executor)
+        self.file = _Text(_GuardedBuffer(self.raw), encoding='utf-8',
+                          newline='')
         self.file.printer = printer
     def close(self):
+        # The raw first: with a read in flight on virtual_sdcard's thread the
+        # buffer above it is busy (closing it would be a reentrant call);
+        # the raw then closes the memfd when that read is done.
+        self.raw.close()
+        if not self.raw.closed:
+            return
         try:
             self.file.close()
         except Exception:
@@ -583,9 +801,33 @@ class EncryptedFileBridge:
         if st.st_size != size:
             raise error("The memfd has %d bytes, size=%d"
                         % (st.st_size, size))
+        index = self._seekgz_index(fd, size, filename)
         _REGISTERED.add(key)
         return _Registration(filename, path, fd, size, self.printer,
-                             self.reactor.monotonic() + self.timeout)
+                             self.reactor.monotonic() + self.timeout, index,
+                             self._io_thread() if index else None)
+    def _io_thread(self):
+        # Klipper master reads its files on virtual_sdcard's executor thread
+        # (extras/aio_executor.py); older Klipper and Kalico have none.
+        executor = getattr(self.vsd, 'executor', None)
+        if callable(getattr(executor, 'submit', None)):
+            return executor
+        return None
+    def _seekgz_index(self, fd, size, filename):
+        # A memfd starting with the seekable gzip magic is one, and must be
+        # a valid one; anything else is G-code as it is.
+        error = self.printer.command_error
+        try:
+            head = os.pread(fd, len(SEEKGZ_MAGIC), 0)
+            if not head.startswith(SEEKGZ_MAGIC[:2]):
+                return None
+            if head != SEEKGZ_MAGIC:
+                raise SeekgzError("gzip but not a seekable gzip")
+            return SeekgzIndex(fd, size)
+        except (OSError, IOError) as e:
+            raise error("cannot print %s: its decrypted copy is not a valid"
+                        " seekable gzip (%s); encrypt the plain G-code with"
+                        " encprint" % (filename, e))
     def _handle_refuse(self, web_request):
         # Moonraker could not prepare a file a console start waits for.
         filename = web_request.get_str('filename')
@@ -719,10 +961,9 @@ class EncryptedFileBridge:
             elif self.vsd.work_timer is None and active.file.read_error:
                 # Not a pause: the print cannot go on; end it as an error
                 # the UI shows, so it can be started (or cancelled) again.
-                msg = ("Encrypted file %s cannot be read after byte %d (%s):"
-                       " it is not UTF-8 G-code" % (
-                           active.name, self.vsd.file_position,
-                           active.file.read_error))
+                msg = ("Encrypted file %s cannot be read after byte %d %s"
+                       % (active.name, self.vsd.file_position,
+                          active.file.read_error))
                 self._release_active()
                 self.vsd.print_stats.note_error(msg)
                 self.gcode.respond_raw("!! " + msg)

@@ -1,7 +1,9 @@
-"""The draft reader of the extra (tests/seekgz_reader.py) on payloads made by
-the Go encoder (helper/seekgz), from real sealed memfds: random access at
-block boundaries gives the clear file's bytes and positions, reads stop after
-shutdown, a bad payload is refused with the descriptor closed."""
+"""The extra's seekable gzip reader (SeekgzIndex, SeekgzRaw in
+klippy-extras/encrypted_file_bridge.py, in the file stack the bridge hands
+virtual_sdcard) on payloads made by the Go encoder (helper/seekgz), from real
+sealed memfds: random access at block boundaries gives the clear file's bytes
+and positions, reads stop after shutdown, a bad payload is refused. The same
+reader inside a real klippy: tests/test_bridge_seekgz.py."""
 from __future__ import annotations
 
 import fcntl
@@ -16,10 +18,34 @@ from typing import Callable, Iterator
 
 import pytest
 
-import seekgz_reader as sr
 from gcodegen import sample_gcode
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load_bridge():
+    import importlib.util
+    path = ROOT / "klippy-extras" / "encrypted_file_bridge.py"
+    spec = importlib.util.spec_from_file_location("encrypted_file_bridge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sr = _load_bridge()
+FOOTER_SIZE = sr.SEEKGZ_FOOTER_SIZE
+
+
+def open_text(fd: int, size: int, path: str, printer) -> io.TextIOWrapper:
+    """The file the bridge's registration hands virtual_sdcard for a
+    seekable gzip memfd (what _check_memfd builds; it closes fd when the
+    index is refused, as _handle_register does)."""
+    try:
+        index = sr.SeekgzIndex(fd, size)
+    except Exception:
+        os.close(fd)
+        raise
+    return sr._Registration("part.gcode", path, fd, size, printer, 0, index).file
 BLOCK = 4096
 F_ADD_SEALS, ALL_SEALS = 1033, 0xF
 
@@ -73,7 +99,7 @@ def opener(tmp_path) -> Iterator[Callable]:
     files = []
 
     def open_(data: bytes, printer=None):
-        f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "part.gcode"),
+        f = open_text(sealed_memfd(data), len(data), str(tmp_path / "part.gcode"),
                          printer or Printer())
         files.append(f)
         return f
@@ -154,8 +180,9 @@ def test_reads_refused_after_shutdown(opener, payload):
     assert f.buffer.peek(1)           # something is buffered now
     printer.shutdown = True
     f.seek(BLOCK - 10)
+    assert f.read(1) == ""            # virtual_sdcard's dump gets nothing
     with pytest.raises(sr.ShutdownRead):
-        f.read(1)
+        f.buffer.read(1)
     with pytest.raises(sr.ShutdownRead):
         f.buffer.raw.readinto(bytearray(10))
 
@@ -165,11 +192,11 @@ def open_fds() -> int:
 
 
 def corrupt_footer(p: bytearray) -> None:
-    p[-sr.FOOTER_SIZE + 16 + 9] ^= 0x10       # the G-code size, one block more
+    p[-FOOTER_SIZE + 16 + 9] ^= 0x10       # the G-code size, one block more
 
 
 def corrupt_index(p: bytearray) -> None:
-    off = len(p) - sr.FOOTER_SIZE - 30        # inside the last index member
+    off = len(p) - FOOTER_SIZE - 30        # inside the last index member
     p[off] ^= 0x40
 
 
@@ -181,7 +208,7 @@ def test_bad_index_refused_and_fd_closed(payload, damage, tmp_path):
     damage(p)
     before = open_fds()
     with pytest.raises(sr.SeekgzError):
-        sr.open_text(sealed_memfd(bytes(p)), len(p), str(tmp_path / "x.gcode"), Printer())
+        open_text(sealed_memfd(bytes(p)), len(p), str(tmp_path / "x.gcode"), Printer())
     assert open_fds() == before
 
 
@@ -189,7 +216,7 @@ def test_gcode_size_off_by_one_refused_on_read(opener, payload, clear):
     """A footer whose G-code size is one byte short still lists the right
     blocks; the last block then inflates to a byte more than it should."""
     p = bytearray(payload)
-    p[-sr.FOOTER_SIZE + 16 + 8] ^= 1
+    p[-FOOTER_SIZE + 16 + 8] ^= 1
     f = opener(bytes(p))
     f.seek(len(clear) - 5)
     with pytest.raises(sr.SeekgzError, match="inflates to"):
@@ -206,31 +233,42 @@ def test_tampered_block_refused_on_read(opener, payload):
         f.read(10)
 
 
-def test_bomb_block_refused(tmp_path):
-    """A block whose deflate data inflates far past its block size stops at
-    block size + 1 bytes and is refused."""
+def bomb_payload(clear_bytes: int) -> bytes:
+    """One 4 KiB block whose deflate data inflates to clear_bytes zeros."""
     import struct
     import zlib
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
-    body = c.compress(b"\0" * (8 << 20)) + c.flush()
-    member = sr.BLOCK_MAGIC + b"\0\0\0\0" + body + struct.pack("<II", 0, BLOCK)
+    body = c.compress(b"\0" * clear_bytes) + c.flush()
+    member = sr.SEEKGZ_MAGIC + b"\0\0\0\0" + body + struct.pack("<II", 0, BLOCK)
     member = member[:16] + struct.pack("<I", len(member)) + member[20:]
-    index = (sr.INDEX_HEAD + struct.pack("<H2sH", 8, b"Ei", 4) + struct.pack("<I", len(member))
-             + sr.EMPTY_TAIL)
-    footer = (sr.FOOTER_HEAD + struct.pack("<IIQQII", 1, BLOCK, BLOCK, len(member), 1,
-                                           len(index)) + sr.EMPTY_TAIL)
-    data = member + index + footer
-    f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "b.gcode"), Printer())
+    index = (sr._GZ_HEAD + struct.pack("<H2sH", 8, b"Ei", 4) + struct.pack("<I", len(member))
+             + sr.SEEKGZ_EMPTY_TAIL)
+    footer = (sr.SEEKGZ_FOOTER_HEAD + struct.pack("<IIQQII", 1, BLOCK, BLOCK, len(member), 1,
+                                                  len(index)) + sr.SEEKGZ_EMPTY_TAIL)
+    return member + index + footer
+
+
+def test_bomb_block_refused(tmp_path):
+    """A block whose deflate data inflates far past its block size (2 MiB
+    from a member that fits a 4 KiB block's bound) stops at block size + 1
+    bytes and is refused; a member larger than any deflate of a block (an
+    8 MiB bomb) is refused by the index, before anything is inflated."""
+    data = bomb_payload(2 << 20)
+    f = open_text(sealed_memfd(data), len(data), str(tmp_path / "b.gcode"), Printer())
     try:
-        with pytest.raises(sr.SeekgzError, match="inflates to"):
-            f.read(10)
+        with pytest.raises(sr.SeekgzError, match="inflates to 4097 bytes, not 4096"):
+            f.buffer.read(10)
+        assert f.buffer.raw._data == b"", "nothing of the bomb is kept"
     finally:
         f.close()
+    data = bomb_payload(8 << 20)
+    with pytest.raises(sr.SeekgzError, match="impossible size"):
+        open_text(sealed_memfd(data), len(data), str(tmp_path / "b.gcode"), Printer())
 
 
 def test_close_closes_the_memfd(payload, tmp_path):
     before = open_fds()
-    f = sr.open_text(sealed_memfd(payload), len(payload), str(tmp_path / "c.gcode"), Printer())
+    f = open_text(sealed_memfd(payload), len(payload), str(tmp_path / "c.gcode"), Printer())
     assert open_fds() == before + 1
     assert f.name == str(tmp_path / "c.gcode")
     f.close()
@@ -256,10 +294,10 @@ def test_format_vectors(case, tmp_path):
     before = open_fds()
     if case["expect"] in ("index_error", "not_seekable"):
         with pytest.raises(sr.SeekgzError):
-            sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
+            open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
         assert open_fds() == before
         return
-    f = sr.open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
+    f = open_text(sealed_memfd(data), len(data), str(tmp_path / "v.gcode"), Printer())
     try:
         if case["expect"] == "block_error":
             with pytest.raises(sr.SeekgzError):
@@ -274,3 +312,53 @@ def test_format_vectors(case, tmp_path):
     finally:
         f.close()
     assert open_fds() == before
+
+
+class ThreadExecutor:
+    """A stand-in for Klipper master's aio_executor (klippy/extras/
+    aio_executor.py: one worker thread, submit waits for the result), named
+    as such: the real one needs a reactor. Holds each read until released,
+    so the test can act while a read is in flight."""
+
+    def __init__(self) -> None:
+        import threading
+        self.started, self.release = threading.Event(), threading.Event()
+        self.threads: list = []
+
+    def submit(self, fn, *args):
+        import threading
+        out: list = []
+
+        def run() -> None:
+            self.threads.append(threading.current_thread().name)
+            self.started.set()
+            self.release.wait(10)
+            out.append(fn(*args))
+        t = threading.Thread(target=run, name="vsd-io")
+        t.start()
+        self.thread = t
+        return out
+
+
+def test_reads_run_on_the_io_thread_and_close_waits_for_them(payload, clear, tmp_path):
+    """On Klipper master a read runs on virtual_sdcard's I/O thread while the
+    reactor goes on; closing the file then (a shutdown, a cancel) must not
+    close the memfd under that read, and closes it once the read is done."""
+    fd = sealed_memfd(payload)
+    raw = sr.SeekgzRaw(fd, str(tmp_path / "t.gcode"), "t.gcode", Printer(),
+                       sr.SeekgzIndex(fd, len(payload)), ThreadExecutor())
+    ex = raw._executor
+    raw.seek(BLOCK - 2)
+    buf = bytearray(10)
+    out = raw.readinto(buf)               # in flight on the I/O thread
+    assert ex.started.wait(5)
+    before = open_fds()
+    raw.close()                           # from the "reactor" meanwhile
+    assert open_fds() == before, "the memfd was closed under a read in flight"
+    ex.release.set()
+    ex.thread.join(5)
+    assert out == [2] and bytes(buf[:2]) == clear[BLOCK - 2:BLOCK]
+    assert ex.threads == ["vsd-io"]
+    assert raw.closed and open_fds() == before - 1
+    with pytest.raises(ValueError):
+        raw.readinto(bytearray(1))

@@ -485,7 +485,9 @@ def test_update_to_a_new_protocol_refuses_with_the_command_then_reinstall_fixes(
             assert "helper" not in ui.get("/server/encrypted_print/status")["result"]["problems"]
             print_once(ui, "p2.gcode")
             decs = ui.get("/server/encrypted_print/jobs")["result"]["decryptions"]
-            assert len(decs) == 2
+            # p1 before the update, p2 after it (pid 0: counts that this
+            # module's earlier tests left in Moonraker's database, imported).
+            assert len([d for d in decs if d["pid"] != 0]) == 2
         finally:
             stop(k, m, ui)
     finally:

@@ -401,12 +401,22 @@ system_state() {
     info "(from Moonraker's database; the component keeps counting there only as a mirror)"
 }
 
+# The set-user-ID bit has no effect in a service with NoNewPrivileges.
+check_no_new_privileges() {
+    [ -d /run/systemd/system ] || return 0
+    if [ "$(systemctl show -p NoNewPrivileges --value "$MOONRAKER_SERVICE" 2>/dev/null)" = yes ]; then
+        step "Warning: Moonraker's service runs with NoNewPrivileges=yes: the installed helper's set-user-ID bit has no effect"
+        info "Nothing prints until it is removed: sudo systemctl edit $MOONRAKER_SERVICE (see docs/install.md)"
+    fi
+}
+
 privilege_step() {
     ensure_helper_user
     install_helper
     system_identity
     system_policy
     system_state
+    check_no_new_privileges
 }
 
 say_exposed() {

@@ -687,3 +687,36 @@ def test_release_checkout_without_go_downloads_and_checks_the_binaries(home, bin
         assert not (home.repo / "bin" / "encprint-helper").exists()
     finally:
         home.run("git", "-C", str(home.repo), "tag", "-d", tag)
+
+
+def test_klipper_running_as_root_gets_the_fallback_and_is_told(home):
+    """Creality K1-class images run Klipper and Moonraker as root: install.sh
+    run as root, with a moonraker.conf of root's, installs the layout
+    without the privilege step and says what it exposes. (Last in this
+    module: the checkouts become root's, as on such a printer, and are
+    given back to the printer's user at the end.)"""
+    (home.base / "gocache").mkdir(exist_ok=True)
+    mine = [str(home.home), str(home.base / "gomod"), str(home.base / "gocache")]
+    subprocess.run(["chown", "-R", "0:0", *mine], check=True)
+    data = home.base / "root_printer_data"
+    for sub in ("config", "logs", "gcodes", "database"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    (data / "config/moonraker.conf").write_text(home.moonraker_conf)
+    (data / "config/printer.cfg").write_text(home.printer_cfg)
+    identity = home.base / "root_identity/printer.key"
+    args = ("--data", str(data), "--identity", str(identity))
+    try:
+        res = home.install(*args, user=False, check=True)
+        assert ("No privilege step: Klipper and Moonraker run as root here, so no user on this "
+                "printer is kept from the key") in res.stdout
+        assert "Fix: run Klipper and Moonraker as a user of their own" in res.stdout
+        assert "without a password" not in res.stdout
+        assert recipient_of(res).startswith("age1")
+        assert identity.stat().st_mode & 0o777 == 0o600
+        assert f"identity: {identity}\n" in (data / "config/moonraker.conf").read_text()
+        assert not home.helper.exists() and user_gecos(HELPER_USER) is None
+        home.uninstall(*args, user=False, check=True)
+        assert (data / "config/moonraker.conf").read_text() == home.moonraker_conf
+        assert (data / "config/printer.cfg").read_text() == home.printer_cfg
+    finally:
+        subprocess.run(["chown", "-R", f"{home.uid}:{home.gid}", *mine], check=True)

@@ -1,7 +1,16 @@
 # The two commands a new user needs are `make demo` and `make test`.
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -s -w -X github.com/klipper-encprint/encprint/helper/version.Version=$(VERSION)
+# SYSTEM_ROOT=DIR (install.sh --system-root, for tests and unusual layouts)
+# moves the installed helper's privileged files (helper/privsep) under DIR;
+# release binaries and a plain `make` keep privsep's defaults. install.sh
+# lays the files out at the same places.
+SYSTEM_ROOT ?=
+PRIVSEP := github.com/klipper-encprint/encprint/helper/privsep
+LDFLAGS := -s -w -X github.com/klipper-encprint/encprint/helper/version.Version=$(VERSION) \
+	$(if $(SYSTEM_ROOT),-X $(PRIVSEP).IdentityPath=$(SYSTEM_ROOT)/var/lib/encprint/identity \
+	-X $(PRIVSEP).PolicyPath=$(SYSTEM_ROOT)/etc/encprint/policy.json \
+	-X $(PRIVSEP).StateDir=$(SYSTEM_ROOT)/var/lib/encprint/state)
 PY      := .venv/bin/python
 GOFILES := $(shell find helper -name '*.go' 2>/dev/null) go.mod go.sum
 
@@ -19,6 +28,13 @@ bin/encprint-helper: $(GOFILES)
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./helper/cmd/encprint-helper
 
 build: bin/encprint bin/encprint-helper
+
+# The helper with SYSTEM_ROOT's paths, always rebuilt (the paths are not a
+# file make could compare); install.sh installs it only if it changed.
+bin/encprint-helper-sysroot: FORCE
+	@test -n "$(SYSTEM_ROOT)" || { echo "$@ needs SYSTEM_ROOT=DIR"; exit 1; }
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./helper/cmd/encprint-helper
+FORCE:
 
 ## test: every test: Go unit tests, then the Python suite on the real stack.
 test: setup build lint test-go dist test-py

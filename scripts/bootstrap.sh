@@ -15,6 +15,7 @@ need_pkgs=()
 command -v age >/dev/null 2>&1 || need_pkgs+=(age)         # interoperability tests
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 command -v shellcheck >/dev/null 2>&1 || need_pkgs+=(shellcheck)  # lint of the install scripts
+command -v sudo >/dev/null 2>&1 || need_pkgs+=(sudo)             # install tests: install.sh's privilege step
 command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)     # install tests run as a plain user
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)      # the owner page's browser tests
 command -v zbarimg >/dev/null 2>&1 || need_pkgs+=(zbar-tools)     # ... which read its QR code back

@@ -11,9 +11,16 @@ Klipper's SAVE_CONFIG block, which must stay last.
                                                     (FILE.encprint-backup: the file before)
     config_edit.py remove FILE                   -> prints removed|absent
     config_edit.py has-section FILE SECTION      -> exit 0 if [SECTION] exists
+    config_edit.py set FILE SECTION KEY [VALUE]  -> prints updated|unchanged|absent
+                                                    (only inside our block; no VALUE:
+                                                    the KEY line is removed)
+    config_edit.py policy FILE                   -> the [encrypted_print] trust options
+                                                    as the helper's policy.json
 """
 from __future__ import annotations
 
+import configparser
+import json
 import re
 import sys
 
@@ -68,6 +75,58 @@ def remove(path: str) -> str:
     return "removed"
 
 
+def set_key(path: str, section: str, key: str, value: str | None) -> str:
+    """Sets (or with value None removes) one option of a section inside our
+    block, leaving every other line, the user's own included, as it is."""
+    with open(path) as f:
+        text = f.read()
+    start = text.find(BEGIN)
+    if start < 0:
+        return "absent"
+    end = text.index(END, start)
+    lines = text[start:end].splitlines(keepends=True)
+    try:
+        head = next(i for i, ln in enumerate(lines) if ln.strip() == f"[{section}]")
+    except StopIteration:
+        return "absent"
+    stop = next((i for i in range(head + 1, len(lines)) if lines[i].startswith("[")),
+                len(lines))
+    option = re.compile(rf"^{re.escape(key)}\s*[:=]")
+    at = next((i for i in range(head + 1, stop) if option.match(lines[i])), None)
+    new = None if value is None else f"{key}: {value}\n"
+    if at is None and new is None:
+        return "unchanged"
+    if at is None:
+        lines.insert(head + 1, new)
+    elif new is None:
+        del lines[at]
+    elif lines[at] == new:
+        return "unchanged"
+    else:
+        lines[at] = new
+    with open(path, "w") as f:
+        f.write(text[:start] + "".join(lines) + text[end:])
+    return "updated"
+
+
+def policy(path: str) -> dict:
+    """require_signature and trusted_publishers of [encrypted_print], as
+    Moonraker reads them (a boolean; one key a line), for policy.json."""
+    cp = configparser.ConfigParser(interpolation=None, strict=False,
+                                   comment_prefixes=("#", ";"),
+                                   inline_comment_prefixes=("#", ";"))
+    with open(path) as f:
+        cp.read_file(f, path)
+    out = {"require_signature": False, "trusted_publishers": []}
+    if cp.has_section("encrypted_print"):
+        sec = cp["encrypted_print"]
+        out["require_signature"] = sec.getboolean("require_signature", False)
+        out["trusted_publishers"] = [k.strip() for k in
+                                     sec.get("trusted_publishers", "").splitlines()
+                                     if k.strip()]
+    return out
+
+
 def main(argv: list) -> int:
     if len(argv) >= 3 and argv[1] == "add":
         with open(argv[3]) as f:
@@ -79,6 +138,16 @@ def main(argv: list) -> int:
     if len(argv) == 4 and argv[1] == "has-section":
         with open(argv[2]) as f:
             return 0 if argv[3] in sections(f.read()) else 1
+    if len(argv) in (5, 6) and argv[1] == "set":
+        print(set_key(argv[2], argv[3], argv[4], argv[5] if len(argv) == 6 else None))
+        return 0
+    if len(argv) == 3 and argv[1] == "policy":
+        try:
+            print(json.dumps(policy(argv[2]), indent=2))
+        except (configparser.Error, ValueError) as e:
+            print(f"cannot read the trust options of {argv[2]}: {e}", file=sys.stderr)
+            return 1
+        return 0
     print(__doc__, file=sys.stderr)
     return 2
 

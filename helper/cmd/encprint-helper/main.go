@@ -45,6 +45,7 @@ func main() {
 	sockFD := flag.Int("socket-fd", -1, "descriptor of the SOCK_SEQPACKET socket to the component")
 	showVersion := flag.Bool("version", false, "print the version and protocol, then exit")
 	initState := flag.Bool("init-state", false, "create the empty print-count state of an installed helper (run as its own user), then exit")
+	importFrom := flag.String("import", "", "add the print counts in `FILE` (- for standard input; JSON from install.sh's migration) to the state (run as its own user), then exit")
 	flag.Parse()
 	if *showVersion {
 		fmt.Printf("encprint-helper %s protocol %d\n", version.Version, version.Protocol)
@@ -56,6 +57,14 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Printf("created the print-count state in %s\n", privsep.StateDir)
+	}
+	if *importFrom != "" {
+		if err := importCounts(t, *importFrom, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
+			os.Exit(1)
+		}
+	}
+	if *initState || *importFrom != "" {
 		return
 	}
 	if *sockFD < 0 {

@@ -33,13 +33,6 @@ import (
 )
 
 func main() {
-	if len(os.Args) == 2 && os.Args[1] == privsep.KeeperArg {
-		if err := privsep.RunKeeper(); err != nil {
-			fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
-			os.Exit(2)
-		}
-		return
-	}
 	t := startTrust() // hardens; privileged only until it returns
 	defer t.close()
 	sockFD := flag.Int("socket-fd", -1, "descriptor of the SOCK_SEQPACKET socket to the component")

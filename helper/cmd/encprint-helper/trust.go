@@ -92,7 +92,7 @@ func (t *trust) refusal(name string, pub *encfile.Public) *ipc.Error {
 	if why := t.priv.Policy.Refusal(name, sig); why != "" {
 		return fail(contract.CodeUntrusted, "%s (%s)", why, privsep.PolicyPath)
 	}
-	used, err := t.priv.Keeper.Used(hex.EncodeToString(pub.FileID))
+	used, err := t.priv.Used(hex.EncodeToString(pub.FileID))
 	if err != nil {
 		return stateError(err)
 	}
@@ -114,7 +114,7 @@ func (t *trust) commit(name string, pub *encfile.Public) *ipc.Error {
 		pubKey = *p
 	}
 	limit := maxPrints(pub)
-	_, err := t.priv.Keeper.Commit(hex.EncodeToString(pub.FileID), pubKey, limit)
+	_, err := t.priv.Commit(hex.EncodeToString(pub.FileID), pubKey, limit)
 	var used *state.UsedUpError
 	if errors.As(err, &used) {
 		return usedUp(name, limit)
@@ -165,7 +165,7 @@ func (t *trust) records() (*ipc.RecordsResult, *ipc.Error) {
 	if !t.privileged() {
 		return res, nil
 	}
-	recs, err := t.priv.Keeper.Records()
+	recs, err := t.priv.Records()
 	if err != nil {
 		return nil, stateError(err)
 	}

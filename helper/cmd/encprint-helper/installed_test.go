@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	ageidentity "github.com/klipper-encprint/encprint/helper/identity"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,7 +88,8 @@ func install(t testing.TB, policyJSON string) *installed {
 	must(t, os.Chmod(in.helper, 0o755|os.ModeSetuid|os.ModeSetgid))
 	key, err := os.ReadFile(filepath.Join(vectorDir, "printer.key"))
 	must(t, err)
-	must(t, os.WriteFile(in.identity, key, 0o600))
+	// As encprint keygen writes it: in the envelope (ADR-010).
+	must(t, os.WriteFile(in.identity, ageidentity.Envelope(key), 0o600))
 	must(t, os.Chown(in.identity, helperID, helperID))
 	must(t, os.Chmod(in.identity, 0o600))
 	must(t, os.WriteFile(in.policy, []byte(policyJSON), 0o644))

@@ -11,6 +11,7 @@ import (
 	"filippo.io/age"
 	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
+	"github.com/klipper-encprint/encprint/helper/identity"
 	"github.com/klipper-encprint/encprint/helper/ipc"
 	"github.com/klipper-encprint/encprint/helper/policy"
 	"github.com/klipper-encprint/encprint/helper/privsep"
@@ -53,7 +54,7 @@ func (t *trust) identities(req *ipc.Request) ([]age.Identity, *ipc.Error) {
 	if !t.privileged() {
 		return loadIdentity(req.Identity)
 	}
-	ids, err := age.ParseIdentities(bytes.NewReader(t.priv.Identity))
+	ids, err := identity.Parse(bytes.NewReader(t.priv.Identity))
 	if err != nil {
 		return nil, fail(contract.CodeIdentityError, "the printer identity %s is malformed: %v", privsep.IdentityPath, err)
 	}

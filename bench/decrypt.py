@@ -200,8 +200,9 @@ def main() -> int:
     gcodes = work / "gcodes"
     gcodes.mkdir()
     key = work / "printer.key"
-    recipient = subprocess.run([BIN / "encprint", "keygen", "-o", key], capture_output=True,
-                               text=True, check=True).stdout.strip()
+    # -plain: stock `age -d -i` reads it too (the default envelope it cannot).
+    recipient = subprocess.run([BIN / "encprint", "keygen", "-plain", "-o", key],
+                               capture_output=True, text=True, check=True).stdout.strip()
     client = ep.HelperClient(str(BIN / "encprint-helper"), str(key), decrypt_timeout=3600)
     # The helper's peak RSS: a wrapper makes it the only child of a runner.
     runner = work / "one_decrypt.py"

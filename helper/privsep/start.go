@@ -5,8 +5,11 @@ package privsep
 import (
 	"fmt"
 	"io"
+	"os"
+	"time"
 
 	"github.com/klipper-encprint/encprint/helper/policy"
+	"github.com/klipper-encprint/encprint/helper/state"
 )
 
 // The privileged files, fixed when the helper is built (go build -ldflags
@@ -23,19 +26,30 @@ type Privileged struct {
 	Ids      Ids            // the ids the helper started with
 	Identity []byte         // the identity file's content; never sent anywhere
 	Policy   *policy.Policy // the root-owned policy
-	Keeper   *Keeper        // the state keeper, privileged
+
+	// The print-count state, opened read-write while privileged: after
+	// the drop the helper counts and records through these descriptors,
+	// which the caller cannot reach (the process is non-dumpable). When it
+	// could not be opened, stateErr says why, and every count answers it.
+	store    *state.Store
+	stateErr error
 }
 
-// Close ends the keeper.
-func (p *Privileged) Close() error { return p.Keeper.Close() }
+// Close releases the state's descriptors.
+func (p *Privileged) Close() error {
+	if p.store == nil {
+		return nil
+	}
+	return p.store.Close()
+}
 
 // Start is the helper's privileged phase. It hardens the process, then, if
 // the helper runs set-user-ID or set-group-ID, opens the identity, the
-// policy and the state directory at their fixed paths, starts the state
-// keeper, and drops the privilege for good. It returns nil, nil when the
-// helper is not privileged (an install without the privilege step): the
-// caller then works as before, with files the caller names. Any error means
-// the helper must answer it and stop: nothing of the caller's has been read.
+// policy and the state at their fixed paths and drops the privilege for
+// good. It returns nil, nil when the helper is not privileged (an install
+// without the privilege step): the caller then works as before, with files
+// the caller names. Any error means the helper must answer it and stop:
+// nothing of the caller's has been read.
 func Start() (*Privileged, error) {
 	if err := Harden(); err != nil {
 		return nil, err
@@ -74,11 +88,9 @@ func open(ids Ids) (*Privileged, error) {
 		return nil, fmt.Errorf("cannot open the print-count state: %w", err)
 	}
 	sd.Close()
-	k, err := StartKeeper("/proc/self/exe")
-	if err != nil {
-		return nil, err
-	}
-	return &Privileged{Ids: ids, Identity: identity, Policy: pol, Keeper: k}, nil
+	p := &Privileged{Ids: ids, Identity: identity, Policy: pol}
+	p.store, p.stateErr = state.Open(StateDir)
+	return p, nil
 }
 
 func readOwned(path string, want Owner) ([]byte, error) {
@@ -90,15 +102,38 @@ func readOwned(path string, want Owner) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(f, 1<<20))
 }
 
-// RunKeeper is the helper's entry point as a state keeper (os.Args[1] ==
-// KeeperArg). It serves only when privileged: an unprivileged keeper could
-// not write the state anyway.
-func RunKeeper() error {
-	if err := Harden(); err != nil {
-		return err
+// Used is how many decryptions of fileID (hex) were handed out.
+func (p *Privileged) Used(fileID string) (int, error) {
+	if p.stateErr != nil {
+		return 0, p.stateErr
 	}
-	if !Current().Elevated() {
-		return fmt.Errorf("%s runs only as part of the installed, set-user-ID helper", KeeperArg)
+	st, err := p.store.Load()
+	if err != nil {
+		return 0, err
 	}
-	return ServeKeeper(StateDir)
+	return st.Used(fileID), nil
+}
+
+// Commit records one decryption of fileID for the caller, refused with a
+// *state.UsedUpError when it has no prints left; the returned record is on
+// disk. The caller is the helper's real uid and its parent process, as the
+// kernel gave them, never what a request says.
+func (p *Privileged) Commit(fileID, publisher string, maxPrints int) (state.Decryption, error) {
+	if p.stateErr != nil {
+		return state.Decryption{}, p.stateErr
+	}
+	return p.store.Commit(state.Decryption{FileID: fileID, Publisher: publisher, Time: time.Now().Unix(),
+		PID: os.Getppid(), UID: p.Ids.RUID, MaxPrints: maxPrints})
+}
+
+// Records is every recorded decryption, oldest first.
+func (p *Privileged) Records() ([]state.Decryption, error) {
+	if p.stateErr != nil {
+		return nil, p.stateErr
+	}
+	st, err := p.store.Load()
+	if err != nil {
+		return nil, err
+	}
+	return st.Records, nil
 }

@@ -3,9 +3,12 @@
 package main
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	ageidentity "github.com/klipper-encprint/encprint/helper/identity"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -86,7 +89,8 @@ func install(t testing.TB, policyJSON string) *installed {
 	must(t, os.Chmod(in.helper, 0o755|os.ModeSetuid|os.ModeSetgid))
 	key, err := os.ReadFile(filepath.Join(vectorDir, "printer.key"))
 	must(t, err)
-	must(t, os.WriteFile(in.identity, key, 0o600))
+	// As encprint keygen writes it: in the envelope (ADR-010).
+	must(t, os.WriteFile(in.identity, ageidentity.Envelope(key), 0o600))
 	must(t, os.Chown(in.identity, helperID, helperID))
 	must(t, os.Chmod(in.identity, 0o600))
 	must(t, os.WriteFile(in.policy, []byte(policyJSON), 0o644))
@@ -97,9 +101,7 @@ func install(t testing.TB, policyJSON string) *installed {
 	must(t, err)
 	must(t, s.Init())
 	s.Close()
-	for _, p := range []string{in.stateDir, filepath.Join(in.stateDir, "state"), filepath.Join(in.stateDir, "lock")} {
-		must(t, os.Chown(p, helperID, helperID))
-	}
+	chownState(t, in.stateDir)
 	must(t, os.Mkdir(in.gcodes, 0o755))
 	for _, v := range []string{"full.enc.gcode", "stock-age.gcode", "bad-signature.enc.gcode"} {
 		data, err := os.ReadFile(filepath.Join(vectorDir, v))
@@ -112,6 +114,18 @@ func install(t testing.TB, policyJSON string) *installed {
 	must(t, os.WriteFile(in.decoy, []byte("AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQGYZ6JJ\n"), 0o600))
 	must(t, os.Chown(in.decoy, printerID, printerID))
 	return in
+}
+
+// chownState gives the state directory and its files to the helper's
+// user, as install.sh does.
+func chownState(t testing.TB, dir string) {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	must(t, err)
+	must(t, os.Chown(dir, helperID, helperID))
+	for _, e := range entries {
+		must(t, os.Chown(filepath.Join(dir, e.Name()), helperID, helperID))
+	}
 }
 
 func must(t testing.TB, err error) {
@@ -261,23 +275,57 @@ func TestInstalledHelperRacesHandOutExactlyTheLimit(t *testing.T) {
 
 func TestInstalledHelperRefusesOnADamagedOrMissingState(t *testing.T) {
 	in := install(t, `{}`)
-	path := filepath.Join(in.stateDir, "state")
-	garbage := []byte("encprint-state v1 sha256=00\n{}")
-	must(t, os.WriteFile(path, garbage, 0o600))
+	garbage := []byte("encprint-state v2 seq=9 sha256=00\n{}")
+	for _, name := range []string{"state.a", "state.b"} {
+		must(t, os.WriteFile(filepath.Join(in.stateDir, name), garbage, 0o600))
+	}
 	a := in.decrypt(t, "full.enc.gcode")
-	if a.code() != "state_error" || a.fds != 0 || !strings.Contains(fmt.Sprint(a.msg["message"]), path) {
+	if a.code() != "state_error" || a.fds != 0 || !strings.Contains(fmt.Sprint(a.msg["message"]), in.stateDir+" is damaged") {
 		t.Fatalf("decrypt on a damaged state: %v, %d fds", a.msg, a.fds)
 	}
-	if after, _ := os.ReadFile(path); string(after) != string(garbage) {
-		t.Fatal("the damaged state was rewritten")
+	for _, name := range []string{"state.a", "state.b"} {
+		if after, _ := os.ReadFile(filepath.Join(in.stateDir, name)); string(after) != string(garbage) {
+			t.Fatalf("the damaged %s was rewritten", name)
+		}
+		os.Remove(filepath.Join(in.stateDir, name))
 	}
-	os.Remove(path)
 	if a := in.decrypt(t, "full.enc.gcode"); a.code() != "state_error" || a.fds != 0 ||
 		!strings.Contains(fmt.Sprint(a.msg["message"]), "does not exist") {
 		t.Fatalf("decrypt without a state: %v", a.msg)
 	}
-	if _, err := os.Stat(path); err == nil {
-		t.Fatal("a missing state was recreated")
+	if entries, _ := os.ReadDir(in.stateDir); len(entries) != 1 || entries[0].Name() != "lock" {
+		t.Fatalf("a missing state was recreated: %v", entries)
+	}
+}
+
+// A printer updated from a helper that kept its state in one file: the
+// installed helper migrates it on its first run, with the counts.
+func TestInstalledHelperKeepsTheCountsOfTheSingleFileState(t *testing.T) {
+	in := install(t, `{}`)
+	recs := ""
+	for i := 1; i <= 3; i++ {
+		recs += fmt.Sprintf(`%s{"file_id":"%s","publisher":"","time":1,"pid":1,"uid":%d,"max_prints":3,"count":%d}`,
+			map[bool]string{true: "", false: ","}[i == 1], fullID, printerID, i)
+	}
+	body := fmt.Sprintf(`{"counts":{"%s":3},"records":[%s]}`+"\n", fullID, recs)
+	sum := sha256.Sum256([]byte(body))
+	entries, err := os.ReadDir(in.stateDir)
+	must(t, err)
+	for _, e := range entries {
+		must(t, os.Remove(filepath.Join(in.stateDir, e.Name())))
+	}
+	must(t, os.WriteFile(filepath.Join(in.stateDir, "state"),
+		[]byte("encprint-state v1 sha256="+hex.EncodeToString(sum[:])+"\n"+body), 0o600))
+	chownState(t, in.stateDir)
+	a := in.decrypt(t, "full.enc.gcode")
+	if a.code() != "used_up" || a.fds != 0 {
+		t.Fatalf("decrypt of a file whose 3 prints the old state counted: %v, %d fds", a.msg, a.fds)
+	}
+	if st := in.records(t); st.Used(fullID) != 3 || len(st.Records) != 3 {
+		t.Fatalf("state after the migration: %+v", st)
+	}
+	if _, err := os.Stat(filepath.Join(in.stateDir, "state.a")); err != nil {
+		t.Fatalf("the old state was not migrated: %v", err)
 	}
 }
 
@@ -369,11 +417,12 @@ func TestInitStateOnlyByTheHelpersUser(t *testing.T) {
 	if out, err := as(helperID); err == nil || !strings.Contains(out, "already exists") {
 		t.Fatalf("init over an existing state: %v %s", err, out)
 	}
-	os.Remove(filepath.Join(in.stateDir, "state"))
+	os.Remove(filepath.Join(in.stateDir, "state.a"))
+	os.Remove(filepath.Join(in.stateDir, "state.b"))
 	if out, err := as(printerID); err == nil || !strings.Contains(out, "runs only as the helper's own user") {
 		t.Fatalf("init by the printer's user: %v %s", err, out)
 	}
-	if _, err := os.Stat(filepath.Join(in.stateDir, "state")); err == nil {
+	if _, err := os.Stat(filepath.Join(in.stateDir, "state.a")); err == nil {
 		t.Fatal("the printer's user created a state")
 	}
 	if out, err := as(helperID); err != nil {

@@ -25,6 +25,7 @@ import (
 	"filippo.io/age"
 	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
+	"github.com/klipper-encprint/encprint/helper/identity"
 	"github.com/klipper-encprint/encprint/helper/ipc"
 	"github.com/klipper-encprint/encprint/helper/memfd"
 	"github.com/klipper-encprint/encprint/helper/privsep"
@@ -33,13 +34,6 @@ import (
 )
 
 func main() {
-	if len(os.Args) == 2 && os.Args[1] == privsep.KeeperArg {
-		if err := privsep.RunKeeper(); err != nil {
-			fmt.Fprintf(os.Stderr, "encprint-helper: %v\n", err)
-			os.Exit(2)
-		}
-		return
-	}
 	t := startTrust() // hardens; privileged only until it returns
 	defer t.close()
 	sockFD := flag.Int("socket-fd", -1, "descriptor of the SOCK_SEQPACKET socket to the component")
@@ -248,7 +242,7 @@ func loadIdentity(path string) ([]age.Identity, *ipc.Error) {
 		return nil, fail(contract.CodeIdentityError, "cannot read the printer identity %s: %v (create one with `encprint keygen -o %s`)", path, err, path)
 	}
 	defer f.Close()
-	ids, err := age.ParseIdentities(f)
+	ids, err := identity.Parse(f)
 	if err != nil {
 		return nil, fail(contract.CodeIdentityError, "the printer identity %s is malformed: %v", path, err)
 	}

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	ageidentity "github.com/klipper-encprint/encprint/helper/identity"
 	"net"
 	"os"
 	"path/filepath"
@@ -265,8 +266,9 @@ func recvMessageFDs(t testing.TB, fd int) (map[string]interface{}, []int) {
 	}
 }
 
-// runCase serves the case with serve() over a real socketpair.
-func runCase(t *testing.T, c *requestCase) {
+// runCase serves the case with serve() over a real socketpair; with
+// envelope, the printer's identity file is in the encprint envelope.
+func runCase(t *testing.T, c *requestCase, envelope bool) {
 	dir := t.TempDir()
 	root := filepath.Join(dir, "gcodes")
 	os.Mkdir(root, 0o755)
@@ -274,6 +276,9 @@ func runCase(t *testing.T, c *requestCase) {
 	key, err := os.ReadFile(filepath.Join(vectorDir, "printer.key"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if envelope {
+		key = ageidentity.Envelope(key)
 	}
 	os.WriteFile(identity, key, 0o600)
 	c.makeFiles(t, root)
@@ -393,7 +398,16 @@ func TestRequestCases(t *testing.T) {
 		t.Fatalf("only %d cases", len(cases))
 	}
 	for i := range cases {
-		t.Run(cases[i].Name, func(t *testing.T) { runCase(t, &cases[i]) })
+		t.Run(cases[i].Name, func(t *testing.T) { runCase(t, &cases[i], false) })
+	}
+}
+
+// The same cases with the identity in the envelope (ADR-010): the helper
+// reads both forms alike.
+func TestRequestCasesWithAnEnvelopedIdentity(t *testing.T) {
+	cases := loadRequestCases(t)
+	for i := range cases {
+		t.Run(cases[i].Name, func(t *testing.T) { runCase(t, &cases[i], true) })
 	}
 }
 
@@ -433,12 +447,12 @@ func TestTimeWindowUsesTheHelpersClock(t *testing.T) {
 	}
 	now = func() time.Time { return time.Date(2019, 12, 31, 23, 59, 59, 0, time.UTC) }
 	insp.Expect.Fields = map[string]interface{}{"authenticated": true, "reason_code": ""}
-	t.Run("inspect before not_after", func(t *testing.T) { runCase(t, &insp) })
+	t.Run("inspect before not_after", func(t *testing.T) { runCase(t, &insp, false) })
 	dec.Expect.Type, dec.Expect.Op, dec.Expect.Fields = "result", contract.OpDecrypt, nil
-	t.Run("decrypt before not_after", func(t *testing.T) { runCase(t, &dec) })
+	t.Run("decrypt before not_after", func(t *testing.T) { runCase(t, &dec, false) })
 	now = func() time.Time { return time.Date(2020, 1, 1, 0, 0, 1, 0, time.UTC) }
 	dec.Expect.Type, dec.Expect.Code = "error", contract.CodeExpired
-	t.Run("decrypt a second after not_after", func(t *testing.T) { runCase(t, &dec) })
+	t.Run("decrypt a second after not_after", func(t *testing.T) { runCase(t, &dec, false) })
 }
 
 // A read error is io_error, named as such, never a tampering code (a disk

@@ -11,6 +11,7 @@ import (
 	"filippo.io/age"
 	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
+	"github.com/klipper-encprint/encprint/helper/identity"
 	"github.com/klipper-encprint/encprint/helper/ipc"
 	"github.com/klipper-encprint/encprint/helper/policy"
 	"github.com/klipper-encprint/encprint/helper/privsep"
@@ -53,7 +54,7 @@ func (t *trust) identities(req *ipc.Request) ([]age.Identity, *ipc.Error) {
 	if !t.privileged() {
 		return loadIdentity(req.Identity)
 	}
-	ids, err := age.ParseIdentities(bytes.NewReader(t.priv.Identity))
+	ids, err := identity.Parse(bytes.NewReader(t.priv.Identity))
 	if err != nil {
 		return nil, fail(contract.CodeIdentityError, "the printer identity %s is malformed: %v", privsep.IdentityPath, err)
 	}
@@ -92,7 +93,7 @@ func (t *trust) refusal(name string, pub *encfile.Public) *ipc.Error {
 	if why := t.priv.Policy.Refusal(name, sig); why != "" {
 		return fail(contract.CodeUntrusted, "%s (%s)", why, privsep.PolicyPath)
 	}
-	used, err := t.priv.Keeper.Used(hex.EncodeToString(pub.FileID))
+	used, err := t.priv.Used(hex.EncodeToString(pub.FileID))
 	if err != nil {
 		return stateError(err)
 	}
@@ -114,7 +115,7 @@ func (t *trust) commit(name string, pub *encfile.Public) *ipc.Error {
 		pubKey = *p
 	}
 	limit := maxPrints(pub)
-	_, err := t.priv.Keeper.Commit(hex.EncodeToString(pub.FileID), pubKey, limit)
+	_, err := t.priv.Commit(hex.EncodeToString(pub.FileID), pubKey, limit)
 	var used *state.UsedUpError
 	if errors.As(err, &used) {
 		return usedUp(name, limit)
@@ -165,7 +166,7 @@ func (t *trust) records() (*ipc.RecordsResult, *ipc.Error) {
 	if !t.privileged() {
 		return res, nil
 	}
-	recs, err := t.priv.Keeper.Records()
+	recs, err := t.priv.Records()
 	if err != nil {
 		return nil, stateError(err)
 	}

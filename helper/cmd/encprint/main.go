@@ -22,15 +22,22 @@ import (
 
 	"filippo.io/age"
 	"github.com/klipper-encprint/encprint/helper/encfile"
+	"github.com/klipper-encprint/encprint/helper/identity"
 	"github.com/klipper-encprint/encprint/helper/seekgz"
 	"github.com/klipper-encprint/encprint/helper/slicer"
 	"github.com/klipper-encprint/encprint/helper/version"
 )
 
 const usage = `Usage:
-    encprint keygen [-pq] -o FILE      create a printer identity, print its recipient
-                                       (-pq: post-quantum hybrid, ML-KEM-768 + X25519)
+    encprint keygen [-pq] [-plain] -o FILE
+                                       create a printer identity, print its recipient
+                                       (-pq: post-quantum hybrid, ML-KEM-768 + X25519;
+                                       -plain: a stock age identity file instead of
+                                       the envelope that config files cannot show)
     encprint recipient FILE            print the recipient of an identity
+    encprint identity [-plain] -o OUT FILE
+                                       copy an identity into the envelope, or with
+                                       -plain out of it (for age -d -i; OUT '-': stdout)
     encprint encrypt -r RECIPIENT... [-R FILE] [options] [-o OUT] IN
     encprint encrypt --in-place [options] FILE   (slicer post-processing script)
     encprint inspect [--json] FILE     show what anyone can see without a key
@@ -70,6 +77,8 @@ func main() {
 		err = keygen(args)
 	case "recipient":
 		err = recipient(args)
+	case "identity":
+		err = convertIdentity(args)
 	case "encrypt":
 		err = encrypt(args)
 	case "inspect":
@@ -122,6 +131,7 @@ func keygen(args []string) error {
 	fs := newFlags("keygen")
 	out := fs.String("o", "", "output file")
 	pq := fs.Bool("pq", false, "post-quantum hybrid identity")
+	plain := fs.Bool("plain", false, "write a stock age identity file, not the envelope")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -132,13 +142,48 @@ func keygen(args []string) error {
 	if err != nil {
 		return err
 	}
-	content := fmt.Sprintf("# encprint printer identity%s, created %s\n# public key: %s\n%s\n",
-		kind, time.Now().UTC().Format(time.RFC3339), recipient, id)
-	if err := writeNewFile(*out, content); err != nil {
+	content := []byte(fmt.Sprintf("# encprint printer identity%s, created %s\n# public key: %s\n%s\n",
+		kind, time.Now().UTC().Format(time.RFC3339), recipient, id))
+	if !*plain {
+		content = identity.Envelope(content)
+	}
+	if err := writeNewFile(*out, string(content)); err != nil {
 		return err
 	}
 	fmt.Println(recipient)
 	return nil
+}
+
+// convertIdentity copies an identity file into the envelope, or out of it.
+func convertIdentity(args []string) error {
+	fs := newFlags("identity")
+	out := fs.String("o", "", "output file, '-' for stdout")
+	plain := fs.Bool("plain", false, "write the stock age identity file (for age -d -i)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *out == "" || fs.NArg() != 1 {
+		return errors.New("identity: give -o OUT and exactly one identity file")
+	}
+	data, err := os.ReadFile(fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if _, err := identity.Parse(bytes.NewReader(data)); err != nil {
+		return fmt.Errorf("%s is not an identity file: %v", fs.Arg(0), err)
+	}
+	content, err := identity.Plain(data)
+	if err != nil {
+		return fmt.Errorf("%s: %v", fs.Arg(0), err)
+	}
+	if !*plain {
+		content = identity.Envelope(content)
+	}
+	if *out == "-" {
+		_, err := os.Stdout.Write(content)
+		return err
+	}
+	return writeNewFile(*out, string(content))
 }
 
 // newIdentity makes an X25519 identity, or with pq a hybrid ML-KEM-768 +
@@ -164,7 +209,7 @@ func loadIdentities(path string) ([]age.Identity, error) {
 		return nil, err
 	}
 	defer f.Close()
-	ids, err := age.ParseIdentities(f)
+	ids, err := identity.Parse(f)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %v", path, err)
 	}

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"filippo.io/age"
 )
 
 var bin string
@@ -217,7 +219,7 @@ func TestEncryptCompressesAndSignsV2ByDefault(t *testing.T) {
 	}
 	dir := t.TempDir()
 	key := filepath.Join(dir, "printer.key")
-	rcpt, _, _ := run(t, nil, "keygen", "-o", key)
+	rcpt, _, _ := run(t, nil, "keygen", "-plain", "-o", key)
 	pub := filepath.Join(dir, "publisher.key")
 	run(t, nil, "sign-keygen", "-o", pub)
 	var b strings.Builder
@@ -276,5 +278,50 @@ func TestEncryptCompressesAndSignsV2ByDefault(t *testing.T) {
 	got, stderr, err := run(t, nil, "verify", "-i", "../../../proto/testdata/vectors/printer.key", v1)
 	if err != nil || !strings.Contains(got, "authentic, 156118 bytes of G-code, sha256 2f7be729") {
 		t.Fatalf("verify of a v1-signed file: %v %q %s", err, got, stderr)
+	}
+}
+
+// keygen writes the envelope (ADR-010) unless asked for a stock age
+// identity; recipient and verify read both; identity converts either way.
+func TestIdentityEnvelopeAndPlain(t *testing.T) {
+	dir := t.TempDir()
+	env, plain := filepath.Join(dir, "printer.key"), filepath.Join(dir, "plain.key")
+	rcpt, _, err := run(t, nil, "keygen", "-o", env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(env)
+	if !bytes.HasPrefix(data, []byte("\xffencprint printer identity v1:")) {
+		t.Fatalf("keygen wrote %q, not the envelope", data[:20])
+	}
+	if _, err := age.ParseIdentities(bytes.NewReader(data)); err == nil {
+		t.Fatal("stock age parses the envelope: its first line would not stop a config reader either")
+	}
+	out, _, err := run(t, nil, "identity", "-plain", "-o", "-", env)
+	ids, perr := age.ParseIdentities(strings.NewReader(out))
+	if err != nil || perr != nil || ids[0].(*age.X25519Identity).Recipient().String() != strings.TrimSpace(rcpt) {
+		t.Fatalf("identity -plain: %v, %v", err, perr)
+	}
+	prcpt, _, err := run(t, nil, "keygen", "-plain", "-o", plain)
+	pdata, _ := os.ReadFile(plain)
+	if _, perr := age.ParseIdentities(bytes.NewReader(pdata)); err != nil || perr != nil {
+		t.Fatalf("keygen -plain: %v, %v", err, perr)
+	}
+	if _, stderr, err := run(t, nil, "identity", "-o", plain, env); err == nil || !strings.Contains(stderr, "refusing to overwrite") {
+		t.Fatalf("identity overwrote a key: %v %q", err, stderr)
+	}
+	wrapped := filepath.Join(dir, "wrapped.key")
+	if _, stderr, err := run(t, nil, "identity", "-o", wrapped, plain); err != nil {
+		t.Fatalf("identity (into the envelope): %v %s", err, stderr)
+	}
+	for key, want := range map[string]string{env: rcpt, plain: prcpt, wrapped: prcpt} {
+		if got, _, _ := run(t, nil, "recipient", key); got != want {
+			t.Fatalf("recipient %s = %q, want %q", key, got, want)
+		}
+	}
+	notKey := filepath.Join(dir, "printer.cfg")
+	os.WriteFile(notKey, []byte("[printer]\n"), 0o600)
+	if _, stderr, err := run(t, nil, "identity", "-plain", "-o", "-", notKey); err == nil || !strings.Contains(stderr, "is not an identity file") {
+		t.Fatalf("identity of a config file: %v %q", err, stderr)
 	}
 }

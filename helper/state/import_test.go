@@ -73,15 +73,23 @@ func TestImportRefusesAMissingOrDamagedStateAndLeavesIt(t *testing.T) {
 	if _, err := s.Import(c, 1); !errors.Is(err, ErrMissing) {
 		t.Fatalf("import without a state: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(dir, "state")); !errors.Is(err, os.ErrNotExist) {
-		t.Fatal("import created a state")
+	for _, name := range slotNames {
+		if _, err := os.Stat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("import created %s", name)
+		}
 	}
-	os.WriteFile(filepath.Join(dir, "state"), []byte("junk"), 0o600)
+	s.Close()
+	os.WriteFile(filepath.Join(dir, slotNames[0]), []byte("junk"), 0o600)
+	os.WriteFile(filepath.Join(dir, slotNames[1]), nil, 0o600)
+	if s, err = Open(dir); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
 	var ce *CorruptError
 	if _, err := s.Import(c, 1); !errors.As(err, &ce) {
 		t.Fatalf("import into a damaged state: %v", err)
 	}
-	if data, _ := os.ReadFile(filepath.Join(dir, "state")); string(data) != "junk" {
+	if data, _ := os.ReadFile(filepath.Join(dir, slotNames[0])); string(data) != "junk" {
 		t.Fatal("import replaced a damaged state")
 	}
 }

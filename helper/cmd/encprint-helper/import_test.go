@@ -58,7 +58,9 @@ func TestImportKeepsTheCountsOfTheOldLayout(t *testing.T) {
 // A new install with migration creates the state and imports in one run.
 func TestInitStateWithImport(t *testing.T) {
 	in := install(t, `{}`)
-	os.Remove(filepath.Join(in.stateDir, "state"))
+	for _, name := range []string{"state.a", "state.b"} {
+		os.Remove(filepath.Join(in.stateDir, name))
+	}
 	cmd := exec.Command(in.helper, "--init-state", "--import", "-")
 	cmd.Stdin = strings.NewReader(`{"uid": 64542, "counts": {"` + fullID + `": 3}}`)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: helperID, Gid: helperID, Groups: []uint32{}}}

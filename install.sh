@@ -381,13 +381,19 @@ system_policy() {
     info "written from moonraker.conf's [encrypted_print] require_signature and trusted_publishers"
 }
 
+# has_state: the state directory holds a state (two slots, or the single
+# file of an earlier helper), whole or not: it is never replaced.
+has_state() {
+    sudo test -e "$SYS_STATE/state.a" -o -e "$SYS_STATE/state.b" -o -e "$SYS_STATE/state"
+}
+
 # system_state creates the print-count state, or keeps it; a new state or a
 # migrated identity gets the counts that Moonraker's database holds.
 system_state() {
     step "Print counts $SYS_STATE (only $HELPER_USER writes them)"
     sudo install -d -o "$HELPER_USER" -g "$HELPER_USER" -m 0700 "$SYS_STATE"
     local args=() counts out
-    if sudo test -f "$SYS_STATE/state"; then
+    if has_state; then
         info "keeping the existing state"
         [ "$MIGRATED" -eq 1 ] || return 0
     else

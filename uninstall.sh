@@ -109,10 +109,15 @@ give_back() {
     mine=$("$REPO/bin/encprint" recipient "$IDENTITY" 2>/dev/null | head -1 || true)
     info "same recipient ${mine:-(bin/encprint is missing: not checked)}; it is a file of $(id -un) again,"
     info "so anyone with the web UI can now obtain it (docs/install.md)"
-    if sudo test -f "$SYS_STATE/state"; then
+    if sudo test -e "$SYS_STATE/state.a" -o -e "$SYS_STATE/state.b" -o -e "$SYS_STATE/state"; then
         stamp=$(date -u +%Y%m%dT%H%M%SZ)
         copy="$(dirname "$IDENTITY")/state-$stamp"
-        sudo install -o "$(id -u)" -g "$(id -g)" -m 0600 "$SYS_STATE/state" "$copy"
+        mkdir -m 0700 "$copy"
+        for f in state state.a state.b; do
+            if sudo test -e "$SYS_STATE/$f"; then
+                sudo install -o "$(id -u)" -g "$(id -g)" -m 0600 "$SYS_STATE/$f" "$copy/$f"
+            fi
+        done
         info "kept a copy of the print counts and records: $copy"
         info "(the component counts in Moonraker's database again; install.sh imports those counts)"
     fi

@@ -310,7 +310,7 @@ def test_install_print_reinstall_and_uninstall(home, binaries):
     assert owner(home.helper) == (HELPER_USER, HELPER_USER, 0o6755)
     assert owner(home.identity) == (HELPER_USER, HELPER_USER, 0o600)
     assert owner(home.state) == (HELPER_USER, HELPER_USER, 0o700)
-    assert owner(home.state / "state")[0] == HELPER_USER
+    assert {owner(home.state / s)[0] for s in ("state.a", "state.b")} == {HELPER_USER}
     assert owner(home.policy) == ("root", "root", 0o644)
     assert json.loads(home.policy.read_text()) == {"require_signature": False,
                                                    "trusted_publishers": []}
@@ -326,7 +326,7 @@ def test_install_print_reinstall_and_uninstall(home, binaries):
     # The printer's user (what a macro runs as) cannot read the key, nor
     # read, replace or remove the counts, nor change the policy.
     for cmd in (["cat", str(home.identity)], ["ls", str(home.state)],
-                ["cat", str(home.state / "state")], ["touch", str(home.state / "state")],
+                ["cat", str(home.state / "state.a")], ["touch", str(home.state / "state.b")],
                 ["rm", "-rf", str(home.state)], ["mv", str(home.state), str(home.home / "x")],
                 ["sh", "-c", f"echo '{{}}' > {home.policy}"],
                 ["cp", str(home.repo / "bin/encprint-helper"), str(home.helper)]):
@@ -388,7 +388,8 @@ def test_install_print_reinstall_and_uninstall(home, binaries):
                                 capture_output=True, text=True, check=True).stdout.strip()
     assert given_back == recipient
     copies = list(home.user_identity.parent.glob("state-*"))
-    assert len(copies) == 1 and copies[0].read_text().startswith("encprint-state v1")
+    assert len(copies) == 1 and any((copies[0] / s).read_text().startswith("encprint-state v2")
+                                    for s in ("state.a", "state.b"))
     assert f"kept a copy of the print counts and records: {copies[0]}" in res.stdout
     final = home.snapshot()
     for key in ("home/klipper/.git/info/exclude", "home/moonraker/.git/info/exclude"):

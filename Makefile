@@ -61,6 +61,7 @@ demo: setup build
 ## bench: decrypt benchmarks (helper vs age -d vs cat), JSON in bench/results/.
 bench: setup build
 	$(PY) bench/decrypt.py $(if $(SIZES),--sizes $(SIZES),)
+	$(PY) bench/decrypt.py --payloads
 	$(PY) bench/start_latency.py
 	if [ "$$(id -u)" = 0 ]; then $(PY) bench/privsep.py; else echo "bench/privsep.py needs root (it installs a set-user-ID helper copy)"; fi
 	$(GO) test -run '^$$' -bench Decrypt256MiB -benchmem -count 3 ./helper/encfile

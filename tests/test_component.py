@@ -414,7 +414,8 @@ def test_large_file_shows_progress_and_does_not_block_moonraker(stack):
     import threading
     line = b"G1 X12.345 Y67.890 F3000 ; padding to make a long file\n"
     plain = line * (400 * 1024 * 1024 // len(line))
-    (stack.gcodes / "huge.gcode").write_bytes(stack.keys.encrypt(plain))
+    # Uncompressed: this repeated line would compress a thousandfold.
+    (stack.gcodes / "huge.gcode").write_bytes(stack.keys.encrypt(plain, "--no-compress"))
     del plain
     wait_for(lambda: stack.metadata("huge.gcode").get("encrypted_print"), 30, "the metadata")
     answered = []
@@ -522,9 +523,10 @@ def vm_locked_kib(pid: int) -> int:
 
 def test_mlock_keeps_the_cleartext_locked_for_the_print(make_stack):
     st = make_stack("swap_protection: mlock\n")
-    st.start_long_print("locked.gcode", 1_000_000)   # 34 MB of G-code
-    size_kib = st.ui.query("virtual_sdcard")["virtual_sdcard"]["file_size"] // 1024
-    assert vm_locked_kib(st.moonraker.pid) >= size_kib
+    st.start_long_print("locked.gcode", 1_000_000)   # 34 MB of G-code, compressed
+    # What is locked is the memfd: the compressed payload Klipper reads.
+    size_kib = st.jobs()[0]["memfd_size"] // 1024
+    assert size_kib > 0 and vm_locked_kib(st.moonraker.pid) >= size_kib
     st.ui.post("/printer/print/cancel")
     st.wait_state("cancelled")
     st.wait_released()
@@ -542,7 +544,8 @@ def test_mlock_beyond_the_limit_is_refused_with_the_remedy(binaries, tmp_path, r
     request.node._encprint_stack = st
     try:
         st.start()
-        st.upload_encrypted("big.gcode", sample_gcode(layers=100))
+        # Uncompressed, so that the memfd exceeds the 64 KiB Moonraker may lock.
+        st.upload_encrypted("big.gcode", sample_gcode(layers=100), "--no-compress")
         message = st.refused("big.gcode")
         assert "cannot lock" in message and "LimitMEMLOCK=infinity" in message
         assert "Moonraker may lock 64 KiB" in message
@@ -576,7 +579,7 @@ def test_upload_onto_a_nearly_full_disk(binaries, tmp_path, request):
         before = sha256(st.gcodes / "first.gcode")
         big = b"G1 X10 Y10 F6000 ; filling the disk\n" * 100_000  # 3.6 MB
         with pytest.raises(HTTPError) as ei:
-            st.upload_encrypted("big.gcode", big)
+            st.upload_encrypted("big.gcode", big, "--no-compress")  # compressed it would fit
         # Moonraker's own upload path fails (a bare 500: upstream behaviour).
         assert ei.value.status == 500
         partial = st.gcodes / "big.gcode"

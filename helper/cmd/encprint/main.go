@@ -331,9 +331,6 @@ func encrypt(args []string) error {
 	}
 	opts := encfile.EncryptOptions{Recipients: recips, Policy: &encfile.Policy{MaxPrints: uint32(*maxPrints)},
 		SignatureVersion: encfile.SigVersion2}
-	if !*noCompress {
-		opts.Compress = &seekgz.Options{} // 64 KiB blocks, level 6, every CPU
-	}
 	if opts.Policy.NotBefore, err = parseTime(*notBefore); err != nil {
 		return err
 	}
@@ -401,6 +398,10 @@ func encrypt(args []string) error {
 	case "none":
 	default:
 		return fmt.Errorf("--metadata must be all, basic or none, not %q", *metaMode)
+	}
+
+	if !*noCompress && size > 0 { // an empty G-code stays an empty payload
+		opts.Compress = &seekgz.Options{} // 64 KiB blocks, level 6, every CPU
 	}
 
 	outPath := *out

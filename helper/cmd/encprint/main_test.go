@@ -325,3 +325,20 @@ func TestIdentityEnvelopeAndPlain(t *testing.T) {
 		t.Fatalf("identity of a config file: %v %q", err, stderr)
 	}
 }
+
+// An empty G-code stays an empty payload: nothing to compress, and the
+// printer prints it as it prints any empty file.
+func TestEmptyGcodeIsNotCompressed(t *testing.T) {
+	dir := t.TempDir()
+	key := filepath.Join(dir, "printer.key")
+	rcpt, _, _ := run(t, nil, "keygen", "-o", key)
+	in := filepath.Join(dir, "empty.gcode")
+	os.WriteFile(in, nil, 0o644)
+	out := filepath.Join(dir, "empty.enc.gcode")
+	if _, stderr, err := run(t, nil, "encrypt", "-r", strings.TrimSpace(rcpt), "-o", out, in); err != nil {
+		t.Fatalf("encrypt: %v %s", err, stderr)
+	}
+	if got, _, err := run(t, nil, "verify", "-i", key, out); err != nil || !strings.Contains(got, "authentic, 0 bytes of G-code, sha256 e3b0c442") {
+		t.Fatalf("verify: %v %q", err, got)
+	}
+}

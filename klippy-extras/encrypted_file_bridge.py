@@ -104,8 +104,10 @@ def _pread(fd, n, off):
 
 
 def _member_bound(bs):
-    # The largest deflate of bs bytes (stored blocks) plus the gzip framing
-    return SEEKGZ_MIN_MEMBER + bs + 5 * (bs // 16383 + 1)
+    # Above any deflate of bs bytes with its gzip framing (incompressible
+    # data: bs plus a few hundred bytes), so that a lying index cannot make
+    # a read of one block pull in much more than a block
+    return bs + bs // 8 + 1024
 
 
 class SeekgzIndex:
@@ -167,8 +169,9 @@ class SeekgzRaw(io.RawIOBase):
     # each read inflates at most one block (bounded, CRC-checked) and keeps
     # it. Reads with pread, never maps the memfd. Reads are refused once
     # Klipper is shut down, as _MemfdRaw's. With an executor (Klipper
-    # master's virtual_sdcard I/O thread) a read runs on that thread, as
-    # master reads its own files, while the reactor goes on; the lock
+    # master's virtual_sdcard I/O thread) a read that inflates a block runs
+    # on that thread, as master reads its own files, while the reactor goes
+    # on (a read inside the kept block is a copy, done in place); the lock
     # orders it with seek, tell and close, which run where they are called.
     # A close while a read is queued or running closes the memfd when that
     # read is done, so the read never meets a closed (or reused) fd.
@@ -212,9 +215,11 @@ class SeekgzRaw(io.RawIOBase):
             raise ShutdownRead("read refused after shutdown (encrypted file)")
         with self._lock:
             self._checkClosed()
+            ix = self._index
+            if (self._executor is None or self._pos >= ix.clear_size
+                    or self._pos // ix.block_size == self._block):
+                return self._copy(b)    # no block to inflate
             self._reads += 1
-        if self._executor is None:
-            return self._read(b)
         return self._executor.submit(self._read, b)
     def _read(self, b):
         with self._lock:

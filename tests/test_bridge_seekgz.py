@@ -89,6 +89,19 @@ def register_payload(printer: Printer, name: str, payload: bytes, canary: str):
         os.close(fd)
 
 
+def io_thread_ticks(pid: int):
+    """CPU ticks of virtual_sdcard's I/O thread (Klipper master names it
+    "virtual_sdcard"); None on a Klipper without one."""
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == "virtual_sdcard":
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                return int(fields[11]) + int(fields[12])    # utime + stime
+        except OSError:
+            continue
+    return None
+
+
 def shown(status) -> str:
     return status["display_status"]["message"]
 
@@ -129,6 +142,7 @@ def test_pause_resume_and_m26_forward_at_block_boundaries(printer, compress):
     clear = numbered(600_000, canary)
     r = register_payload(printer, "long.gcode", compress(clear), canary)
     assert "error" not in r, r
+    ticks = io_thread_ticks(printer.klippy.pid)
     printer.ok('SDCARD_PRINT_FILE FILENAME="long.gcode"')
     printer.wait_state("printing")
     printer.ok("PAUSE")
@@ -162,6 +176,10 @@ def test_pause_resume_and_m26_forward_at_block_boundaries(printer, compress):
     st = printer.wait_state("complete", timeout=120)
     assert st["virtual_sdcard"]["file_position"] == len(clear)
     assert shown(st) == last_run(len(clear))
+    if ticks is not None:
+        # Klipper master: the blocks were inflated on virtual_sdcard's I/O
+        # thread, not in the reactor.
+        assert io_thread_ticks(printer.klippy.pid) > ticks
     wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
     assert canary not in printer.log_text()
 

@@ -362,3 +362,23 @@ def test_reads_run_on_the_io_thread_and_close_waits_for_them(payload, clear, tmp
     assert raw.closed and open_fds() == before - 1
     with pytest.raises(ValueError):
         raw.readinto(bytearray(1))
+
+
+@pytest.mark.parametrize("block", [4096, 1 << 20])
+def test_incompressible_blocks_are_not_taken_for_a_lying_index(encoder, tmp_path, block):
+    """The index's bound on a block member's size stays above what the
+    encoder writes for data deflate cannot shrink (stored blocks)."""
+    data = os.urandom(3 * block + 5)
+    (tmp_path / "in").write_bytes(data)
+    subprocess.run([str(encoder), "-block", str(block), str(tmp_path / "in"),
+                    str(tmp_path / "out")], check=True, capture_output=True)
+    payload = (tmp_path / "out").read_bytes()
+    fd = sealed_memfd(payload)
+    try:
+        ix = sr.SeekgzIndex(fd, len(payload))
+        raw = sr.SeekgzRaw(os.dup(fd), "r.gcode", "r.gcode", Printer(), ix)
+        raw.seek(2 * block - 1)
+        assert raw.read(1) + raw.read(1) == data[2 * block - 1:2 * block + 1]
+        raw.close()
+    finally:
+        os.close(fd)

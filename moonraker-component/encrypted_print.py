@@ -87,9 +87,9 @@ EXPOSED_WARNING = (
     "the printer's key is a file of Moonraker's own user, so any macro or shell "
     "command running as that user (by default anyone on the network with the web UI) "
     "can read the key and decrypt every file sent to this printer, and print counts "
-    "and trust settings can be rolled back. Fix: run `sudo ./install.sh`, which "
-    "installs the helper set-user-ID to a user of its own and gives it the key, the "
-    "counts and the policy (docs/install.md, 'The installed helper')")
+    "and trust settings can be rolled back. Fix: run install.sh again where sudo "
+    "works, which installs the helper set-user-ID to a user of its own and gives it "
+    "the key, the counts and the policy (docs/install.md, 'The installed helper')")
 COUNTS_NAMESPACE = "encrypted_print"     # print counts per file id
 JOBS_NAMESPACE = "encrypted_print_jobs"  # the audit trail
 DEFAULT_IDENTITY = "~/.config/encprint/printer.key"

@@ -537,7 +537,7 @@ def test_without_sudo_the_fallback_installs_and_says_what_is_exposed(home):
             assert ui.get("/server/encrypted_print/status")["result"]["identity"][
                 "protected"] is False
             warnings = " ".join(ui.get("/server/info")["result"]["warnings"])
-            assert "anyone who can edit printer.cfg or run a macro" in warnings
+            assert "can read the key and decrypt every file" in warnings
         finally:
             stop(k, m, ui)
         home.uninstall(check=True)

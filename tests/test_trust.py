@@ -401,5 +401,5 @@ def test_the_exposure_warning_says_what_and_how_without_the_path(make_exposed_pr
     assert status["identity"] == {"ok": True, "protected": False}
     exposed = [w for w in st.warnings() if "can read the key" in w]
     assert len(exposed) == 1, st.warnings()
-    assert "sudo ./install.sh" in exposed[0] and "decrypt every file" in exposed[0]
+    assert "run install.sh again where sudo" in exposed[0] and "decrypt every file" in exposed[0]
     assert str(st.keys.identity) not in exposed[0] and ".config/encprint" not in exposed[0]

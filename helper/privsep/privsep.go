@@ -151,10 +151,10 @@ func checkOwned(f *os.File, path string, want Owner) error {
 	case !want.Dir && st.Mode&unix.S_IFMT != unix.S_IFREG:
 		return fmt.Errorf("%s is not a regular file", path)
 	case int(st.Uid) != want.UID:
-		return fmt.Errorf("%s belongs to uid %d, not %d; reinstall with `sudo ./install.sh`", path, st.Uid, want.UID)
+		return fmt.Errorf("%s belongs to uid %d, not %d; run install.sh of the klipper-encprint checkout again (as the printer's user; it uses sudo)", path, st.Uid, want.UID)
 	}
 	if bad := fs.FileMode(st.Mode) & want.Forbidden & fs.ModePerm; bad != 0 {
-		return fmt.Errorf("%s has mode %04o, which lets others in (%04o); reinstall with `sudo ./install.sh`",
+		return fmt.Errorf("%s has mode %04o, which lets others in (%04o); run install.sh of the klipper-encprint checkout again (as the printer's user; it uses sudo)",
 			path, st.Mode&0o7777, uint32(bad))
 	}
 	return nil

@@ -90,7 +90,7 @@ type MissingError struct{ Path string }
 
 func (e *MissingError) Error() string {
 	return fmt.Sprintf("the print-count state in %s does not exist; nothing prints until it does. "+
-		"On a new printer `sudo ./install.sh` creates it; if it was deleted, restore it from a backup "+
+		"On a new printer install.sh (run as the printer's user; it uses sudo) creates it; if it was deleted, restore it from a backup "+
 		"(recreating it empty gives every file its prints back)", e.Path)
 }
 

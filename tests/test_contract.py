@@ -76,6 +76,12 @@ def test_extra_values_equal_the_contract():
     assert list(bridge.REGISTER_PARAMS) == k["register_params"]
     assert bridge.REFUSE_ENDPOINT == k["refuse_endpoint"]
     assert list(bridge.REFUSE_PARAMS) == k["refuse_params"]
+    p = CONTRACT["payload"]
+    assert bridge.SEEKGZ_MAGIC == bytes.fromhex(p["seekgz_magic"])
+    assert bridge.SEEKGZ_MAGIC.startswith(bytes.fromhex(p["gzip_magic"]))
+    assert bridge.SEEKGZ_FOOTER_SIZE == p["footer_size"]
+    assert (bridge.SEEKGZ_MIN_BLOCK, bridge.SEEKGZ_MAX_BLOCK) == (p["min_block_size"],
+                                                                  p["max_block_size"])
     text = (ROOT / "klippy-extras" / "encrypted_file_bridge.py").read_text()
     assert f"'{k['unregister_command']}'" in text
     # Klipper names the object after the section, and the section after the file.

@@ -267,8 +267,17 @@ provision_helper() {
 # keygen call below when it exists; the rest of this branch stays.
 create_identity() {
     step "Printer identity"
-    if [ -f "$IDENTITY" ]; then
+    if [ -f "$IDENTITY" ] && [ "$(head -c1 "$IDENTITY" | od -An -tx1 | tr -d ' ')" = ff ]; then
         info "keeping the existing identity $IDENTITY"
+    elif [ -f "$IDENTITY" ]; then
+        # A plain identity of an earlier install: the same key, put in the
+        # envelope that Klipper's and Moonraker's config readers refuse
+        # (docs/adr/010-identity-envelope.md).
+        rm -f "$IDENTITY.new"
+        "$REPO/bin/encprint" identity -o "$IDENTITY.new" "$IDENTITY" >/dev/null
+        chmod 600 "$IDENTITY.new"
+        mv -f "$IDENTITY.new" "$IDENTITY"
+        info "kept the identity $IDENTITY, now in an envelope that config readers refuse to show"
     else
         mkdir -p "$(dirname "$IDENTITY")"
         chmod 700 "$(dirname "$IDENTITY")"

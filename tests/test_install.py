@@ -520,8 +520,17 @@ def test_without_sudo_the_fallback_installs_and_says_what_is_exposed(home):
         home.uninstall(check=True)
         shutil.rmtree(home.user_identity.parent)
         SUDOERS.unlink()
-        # On a printer without it, the fallback: today's layout, said so.
+        # On a printer without it, the fallback: today's layout, said so,
+        # and a plain identity of an earlier install put in the envelope.
+        home.run("mkdir", "-m", "700", "-p", str(home.user_identity.parent), check=True)
+        plain = home.run(str(home.repo / "bin/encprint"), "keygen", "-plain", "-o",
+                         str(home.user_identity), check=True).stdout.strip()
+        assert b"\nAGE-SECRET-KEY-1" in home.user_identity.read_bytes()
         res = home.install(check=True)
+        assert "now in an envelope that config readers refuse" in res.stdout
+        assert home.user_identity.read_bytes().startswith(b"\xffencprint printer identity v1")
+        assert home.run(str(home.repo / "bin/encprint"), "recipient", str(home.user_identity),
+                        check=True).stdout.strip() == plain
         assert ("No privilege step: sudo needs a password and there is no terminal to type it on"
                 in res.stdout)
         assert "can read\n    the key and decrypt every file" in res.stdout

@@ -826,7 +826,8 @@ class EncryptedFileBridge:
             head = os.pread(fd, len(SEEKGZ_MAGIC), 0)
             if not head.startswith(SEEKGZ_MAGIC[:2]):
                 return None
-            if head != SEEKGZ_MAGIC:
+            # An empty G-code is the footer member alone.
+            if head not in (SEEKGZ_MAGIC, SEEKGZ_FOOTER_HEAD):
                 raise SeekgzError("gzip but not a seekable gzip")
             return SeekgzIndex(fd, size)
         except (OSError, IOError) as e:

@@ -382,3 +382,28 @@ def test_incompressible_blocks_are_not_taken_for_a_lying_index(encoder, tmp_path
         raw.close()
     finally:
         os.close(fd)
+
+
+def test_the_sniff_takes_an_empty_gcode_and_refuses_other_gzip(encoder, tmp_path):
+    """What registration decides from a memfd's first bytes: the footer
+    member alone is an empty G-code (docs/format.md), gzip's own output is
+    refused, G-code is G-code."""
+    class Bridge:
+        printer = type("P", (), {"command_error": RuntimeError})()
+    (tmp_path / "in").write_bytes(b"")
+    subprocess.run([str(encoder), str(tmp_path / "in"), str(tmp_path / "out")], check=True)
+    empty = (tmp_path / "out").read_bytes()
+    assert len(empty) == FOOTER_SIZE
+    fd = sealed_memfd(gzip.compress(b"G28\n"))
+    with pytest.raises(RuntimeError, match="not a seekable gzip"):
+        sr.EncryptedFileBridge._seekgz_index(Bridge(), fd, len(gzip.compress(b"G28\n")), "x")
+    os.close(fd)
+    fd = sealed_memfd(b"G28\n")
+    assert sr.EncryptedFileBridge._seekgz_index(Bridge(), fd, 4, "x") is None
+    os.close(fd)
+    fd = sealed_memfd(empty)
+    ix = sr.EncryptedFileBridge._seekgz_index(Bridge(), fd, len(empty), "x")
+    assert (ix.blocks(), ix.clear_size) == (0, 0)
+    f = sr._Registration("x.gcode", "x", fd, len(empty), Printer(), 0, ix).file
+    assert (f.read(), f.seek(0, os.SEEK_END)) == ("", 0)
+    f.close()

@@ -107,8 +107,8 @@ class Printer:
 
 # Every test with this fixture runs on Klipper and on Kalico (which loads
 # the extra from klippy/plugins/).
-@pytest.fixture(params=["klipper", "kalico"])
-def printer(request, binaries, tmp_path):
+@pytest.fixture(name="printer", params=["klipper", "kalico"])
+def printer_fixture(request, binaries, tmp_path):
     p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"), flavor=request.param)
     request.node._encprint_stack = None
     try:

@@ -14,10 +14,10 @@ import pathlib
 import subprocess
 
 import pytest
-from conftest import SECRET_CANARIES, Keys
+from conftest import SECRET_CANARIES
 from gcodegen import new_canary, sample_gcode
 from stack import wait_for
-from test_bridge import Printer, sealed_memfd
+from test_bridge import Printer, printer_fixture, sealed_memfd  # noqa: F401 (the fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BLOCK = 64 << 10
@@ -46,16 +46,6 @@ def compress(encoder, tmp_path):
         finally:
             out.unlink()
     return run
-
-
-@pytest.fixture(params=["klipper", "kalico"])
-def printer(request, binaries, tmp_path):
-    p = Printer(tmp_path / "printer", Keys(binaries, tmp_path / "keys"), flavor=request.param)
-    request.node._encprint_stack = None
-    try:
-        yield p.start()
-    finally:
-        p.stop()
 
 
 def numbered(records: int, canary: str) -> bytes:

@@ -185,6 +185,19 @@ class PrinterStack(Stack):
         return ei.value.message
 
 
+def started(request, made: list, st: PrinterStack) -> PrinterStack:
+    """Starts a stack the fixture will stop (and the canary scan reads)."""
+    request.node._encprint_stack = st
+    made.append(st)
+    return st.start()
+
+
+def stop_all(made: list) -> None:
+    for st in made:
+        st.stop()
+        shutil.rmtree(st.base, ignore_errors=True)
+
+
 @pytest.fixture
 def make_printer(request, binaries):
     if os.geteuid() != 0:
@@ -200,15 +213,10 @@ def make_printer(request, binaries):
         else:
             keys = InstalledHelper(binaries, base / "system", policy)
             helper = keys.helper
-        st = PrinterStack(base, keys, helper, moonraker_extra)
-        request.node._encprint_stack = st
-        made.append(st)
-        return st.start()
+        return started(request, made, PrinterStack(base, keys, helper, moonraker_extra))
 
     yield make
-    for st in made:
-        st.stop()
-        shutil.rmtree(st.base, ignore_errors=True)
+    stop_all(made)
 
 
 # (1) [include <identity>] in printer.cfg, then RESTART.
@@ -339,16 +347,11 @@ def make_exposed_printer(request, binaries):
             plain = keys.identity.with_name("plain.key")
             keys.encprint("identity", "-plain", "-o", str(plain), str(keys.identity))
             plain.replace(keys.identity)
-        st = PrinterStack(base, keys, binaries / "encprint-helper", flavor=flavor,
-                          klippy_env=klippy_env)
-        request.node._encprint_stack = st
-        made.append(st)
-        return st.start()
+        return started(request, made, PrinterStack(base, keys, binaries / "encprint-helper",
+                                                   flavor=flavor, klippy_env=klippy_env))
 
     yield make
-    for st in made:
-        st.stop()
-        shutil.rmtree(st.base, ignore_errors=True)
+    stop_all(made)
 
 
 def assert_no_key(st: PrinterStack, what: str) -> None:

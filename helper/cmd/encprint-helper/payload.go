@@ -4,10 +4,12 @@ package main
 
 import (
 	"errors"
+	"os"
 
 	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
 	"github.com/klipper-encprint/encprint/helper/ipc"
+	"github.com/klipper-encprint/encprint/helper/memfd"
 	"github.com/klipper-encprint/encprint/helper/seekgz"
 )
 
@@ -23,6 +25,21 @@ const maxGcodeSize = 4 << 30
 // a print.
 func checkPayload(payload []byte) (int64, error) {
 	return encfile.CheckPayload(payload, maxGcodeSize)
+}
+
+// checkMemfd is checkPayload of the first size bytes of the memfd f, read
+// through a read-only mapping that is gone again when it returns (sealing
+// comes next).
+func checkMemfd(f *os.File, size int64) (int64, error) {
+	payload, err := memfd.Map(f, size)
+	if err != nil {
+		return 0, err
+	}
+	n, err := checkPayload(payload)
+	if uerr := memfd.Unmap(payload); uerr != nil && err == nil {
+		err = uerr
+	}
+	return n, err
 }
 
 // classifyPayload maps the errors of checkPayload that are about the

@@ -4,6 +4,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"os"
 
 	"github.com/klipper-encprint/encprint/helper/contract"
@@ -27,19 +28,28 @@ func checkPayload(payload []byte) (int64, error) {
 	return encfile.CheckPayload(payload, maxGcodeSize)
 }
 
-// checkMemfd is checkPayload of the first size bytes of the memfd f, read
-// through a read-only mapping that is gone again when it returns (sealing
-// comes next).
-func checkMemfd(f *os.File, size int64) (int64, error) {
-	payload, err := memfd.Map(f, size)
+// checkMemfd is checkPayload of the payload decrypted into the memfd f,
+// which res describes. A plain payload was checked as UTF-8 while it was
+// decrypted (res.UTF8); a compressed one is read back through a read-only
+// mapping that is gone again when checkMemfd returns (sealing comes next).
+func checkMemfd(f *os.File, res encfile.Result) (int64, error) {
+	var magic [2]byte
+	n, err := f.ReadAt(magic[:], 0)
+	if err != nil && n < len(magic) && res.Size >= int64(len(magic)) {
+		return 0, fmt.Errorf("reading the in-memory file back: %w", err)
+	}
+	if !seekgz.IsGzip(magic[:n]) {
+		return res.Size, res.UTF8
+	}
+	payload, err := memfd.Map(f, res.Size)
 	if err != nil {
 		return 0, err
 	}
-	n, err := checkPayload(payload)
+	size, err := checkPayload(payload)
 	if uerr := memfd.Unmap(payload); uerr != nil && err == nil {
 		err = uerr
 	}
-	return n, err
+	return size, err
 }
 
 // classifyPayload maps the errors of checkPayload that are about the

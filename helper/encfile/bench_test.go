@@ -7,7 +7,9 @@ import (
 	"math/rand"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"filippo.io/age"
 	"github.com/klipper-encprint/encprint/helper/seekgz"
@@ -97,6 +99,13 @@ func (w *sliceWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// processCPU is the user and system CPU time this process used so far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
 type discardAt struct{}
 
 func (discardAt) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }
@@ -136,6 +145,24 @@ func BenchmarkCompressed64MiB(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	})
+	// Validation alone, as the helper runs it (every block inflated on every
+	// CPU, CRC-32, UTF-8): the part that inflate speed decides.
+	b.Run("check-payload", func(b *testing.B) {
+		if _, err := f.DecryptInto(dst, 0); err != nil {
+			b.Fatal(err)
+		}
+		b.SetBytes(int64(len(plain)))
+		cpu0 := processCPU()
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			if _, err := CheckPayload(dst, 0); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StopTimer()
+		// CPU time over wall time: how many cores the workers really got.
+		b.ReportMetric((processCPU()-cpu0).Seconds()/b.Elapsed().Seconds(), "cores")
 	})
 	b.Run("age-sequential-reader", func(b *testing.B) {
 		b.SetBytes(int64(len(plain)))

@@ -57,6 +57,10 @@ type File struct {
 	// needs no plaintext digest, and the in-order SHA-256 is the one serial
 	// part of decrypting.
 	SkipSHA256 bool
+	// CheckUTF8 has the decrypting workers check each segment as UTF-8
+	// while it is in their cache, for Result.UTF8: a plain payload then
+	// needs no second pass over memory (CheckPayload).
+	CheckUTF8 bool
 
 	plain io.ReaderAt
 }
@@ -167,6 +171,9 @@ type Result struct {
 	Size   int64
 	SHA256 [32]byte // zero with SkipSHA256 (unless a v1 signature needed it)
 	Tree   [32]byte // TreeDigest, computed when a v2 signature needs it
+	// UTF8 is, with CheckUTF8, the *UTF8Error of the plaintext's first
+	// byte that is not UTF-8, or nil if it is all UTF-8.
+	UTF8 error
 }
 
 // DecryptTo decrypts the whole payload into dst at the same offsets, using
@@ -256,6 +263,15 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 	if wantTree {
 		leaves = make([][32]byte, nseg) // each worker fills its own segments
 	}
+	var (
+		u       *UTF8Blocks
+		utf8Mu  sync.Mutex
+		utf8Seg int64 = -1 // the first segment that is not UTF-8
+		utf8Err error
+	)
+	if f.CheckUTF8 {
+		u = NewUTF8Blocks(segmentSize, int(nseg))
+	}
 	// Worker w handles segments w, w+W, w+2W...; the hasher reads the
 	// per-worker queues round-robin, so it hashes in file order.
 	queues := make([]chan []byte, workers)
@@ -301,6 +317,15 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 				if wantTree {
 					leaves[i] = sha256.Sum256(buf)
 				}
+				if u != nil {
+					if err := u.Block(int(i), buf); err != nil {
+						utf8Mu.Lock()
+						if utf8Seg < 0 || i < utf8Seg {
+							utf8Seg, utf8Err = i, err
+						}
+						utf8Mu.Unlock()
+					}
+				}
 				select {
 				case queues[w] <- buf:
 				case <-stop:
@@ -334,6 +359,9 @@ func (f *File) decrypt(out sink, workers int) (Result, error) {
 		return Result{}, fmt.Errorf("internal error: hashed %d of %d bytes", hashed, f.PlainSize)
 	}
 	r := Result{Size: f.PlainSize}
+	if u != nil {
+		r.UTF8 = u.First(int(utf8Seg), utf8Err)
+	}
 	if wantSHA {
 		h.Sum(r.SHA256[:0])
 	}

@@ -1,9 +1,13 @@
 package encfile
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"testing"
 	"unicode/utf8"
+
+	"filippo.io/age"
 )
 
 func TestCheckUTF8(t *testing.T) {
@@ -63,6 +67,49 @@ func TestUTF8BlocksAgreeWithTheWholeText(t *testing.T) {
 			if (got == nil) != (want == nil) || (got != nil && got.(*UTF8Error).Offset != want.(*UTF8Error).Offset) {
 				t.Errorf("%q in blocks of %d: got %v, want %v", text, bs, got, want)
 			}
+		}
+	}
+}
+
+// DecryptTo with CheckUTF8 finds the same first bad byte as CheckUTF8 of
+// the whole plaintext, wherever it lies relative to the workers' segments,
+// and reports nil for UTF-8.
+func TestDecryptChecksUTF8AsItGoes(t *testing.T) {
+	id := newID(t)
+	const n = 3*segmentSize + 10
+	bads := map[string][]int{
+		"valid":                   nil,
+		"first byte":              {0},
+		"last byte":               {n - 1},
+		"cut at a segment edge":   {segmentSize - 1},
+		"lead byte at a segment":  {2*segmentSize - 2, 2*segmentSize - 1},
+		"two segments, later one": {2*segmentSize + 5, segmentSize + 7},
+	}
+	for name, at := range bads {
+		plain := pattern(n)
+		for _, i := range at {
+			plain[i] = 0xe2 // a lead byte without its continuation bytes
+		}
+		if name == "lead byte at a segment" {
+			plain[2*segmentSize-2], plain[2*segmentSize-1], plain[2*segmentSize] = 0xe2, 0x82, 0xac // "€" across the edge: valid
+		}
+		ct := encrypt(t, plain, EncryptOptions{Recipients: []age.Recipient{id.Recipient()}})
+		for _, workers := range []int{1, 3} {
+			t.Run(fmt.Sprintf("%s/workers=%d", name, workers), func(t *testing.T) {
+				f, err := Open(bytes.NewReader(ct), int64(len(ct)), id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.CheckUTF8 = true
+				var m memFile
+				r, err := f.DecryptTo(&m, workers)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if want := CheckUTF8(plain); fmt.Sprint(r.UTF8) != fmt.Sprint(want) {
+					t.Fatalf("UTF8 = %v, want %v", r.UTF8, want)
+				}
+			})
 		}
 	}
 }

@@ -48,16 +48,17 @@ func Create(name string, size int64) (*os.File, error) {
 	return f, nil
 }
 
-// Map maps the whole memfd shared and writable, so that several goroutines
-// can fill it at once (write(2) to one file is serialised by the inode
-// lock; page faults on a shared mapping are not). The mapping is kept out of
-// core dumps. Unmap it before Seal: F_SEAL_WRITE fails while a writable
-// mapping exists.
+// Map maps the first size bytes of the memfd shared and read-only, to read
+// back what was written to it with pwrite(2). Writers use pwrite, not a
+// writable mapping: the kernel allocates shmem pages in the write path far
+// faster than it takes one page fault per 4 KiB page, and a read-only
+// mapping of pages already there costs little (docs/benchmarks.md,
+// BenchmarkFill256MiB). The mapping is kept out of core dumps.
 func Map(f *os.File, size int64) ([]byte, error) {
 	if size == 0 {
 		return []byte{}, nil
 	}
-	b, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	b, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("mapping the in-memory file: %w", err)
 	}

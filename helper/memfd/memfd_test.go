@@ -45,3 +45,29 @@ func TestSealedMemfdCarriesEverySeal(t *testing.T) {
 		t.Fatal("a sealed memfd accepted a write")
 	}
 }
+
+// What the helper writes with pwrite(2) reads back through Map, and the
+// memfd seals once the mapping is gone.
+func TestMapReadsBackWhatWasWritten(t *testing.T) {
+	f, err := Create(contract.MemfdTokenPrefix+"test", 3*4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("G28\n"), 4096-2); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Map(f, 3*4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := string(m[4096-2 : 4096+2]); got != "G28\n" || m[0] != 0 || m[len(m)-1] != 0 {
+		t.Fatalf("mapping reads %q around the page boundary", got)
+	}
+	if err := Unmap(m); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Seal(f); err != nil {
+		t.Fatalf("sealing after Unmap: %v", err)
+	}
+}

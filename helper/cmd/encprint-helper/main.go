@@ -391,21 +391,17 @@ func decrypt(req *ipc.Request, conn *ipc.Conn, t *trust) (*os.File, *ipc.Decrypt
 			conn.Send(&ipc.Progress{Type: "progress", Done: done, Total: ef.PlainSize}, -1)
 		}
 	}
-	mapping, err := memfd.Map(mf, ef.PlainSize)
-	if err != nil {
-		mf.Close()
-		return nil, nil, fail(contract.CodeInternal, "%v", err)
-	}
 	ef.SkipSHA256 = true // age authenticates every chunk; a v1 signature still gets its SHA-256
-	res, err := ef.DecryptInto(mapping, 0)
+	// pwrite(2) from each worker's buffers, not stores through a shared
+	// mapping: the kernel allocates the memfd's pages in the write path,
+	// 1.3-1.7x faster than one page fault per 4 KiB (docs/benchmarks.md).
+	ef.CheckUTF8 = true // while each segment is in the workers' cache
+	res, err := ef.DecryptTo(mf, 0)
 	var gcodeSize int64
 	if err == nil {
 		// Before the print is counted: Klipper stops at a byte it cannot
 		// read, and must never meet a compressed block that does not inflate.
-		gcodeSize, err = checkPayload(mapping[:res.Size])
-	}
-	if uerr := memfd.Unmap(mapping); uerr != nil && err == nil {
-		err = uerr
+		gcodeSize, err = checkMemfd(mf, res)
 	}
 	if err != nil {
 		mf.Close()

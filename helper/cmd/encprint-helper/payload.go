@@ -4,10 +4,13 @@ package main
 
 import (
 	"errors"
+	"fmt"
+	"os"
 
 	"github.com/klipper-encprint/encprint/helper/contract"
 	"github.com/klipper-encprint/encprint/helper/encfile"
 	"github.com/klipper-encprint/encprint/helper/ipc"
+	"github.com/klipper-encprint/encprint/helper/memfd"
 	"github.com/klipper-encprint/encprint/helper/seekgz"
 )
 
@@ -23,6 +26,30 @@ const maxGcodeSize = 4 << 30
 // a print.
 func checkPayload(payload []byte) (int64, error) {
 	return encfile.CheckPayload(payload, maxGcodeSize)
+}
+
+// checkMemfd is checkPayload of the payload decrypted into the memfd f,
+// which res describes. A plain payload was checked as UTF-8 while it was
+// decrypted (res.UTF8); a compressed one is read back through a read-only
+// mapping that is gone again when checkMemfd returns (sealing comes next).
+func checkMemfd(f *os.File, res encfile.Result) (int64, error) {
+	var magic [2]byte
+	n, err := f.ReadAt(magic[:], 0)
+	if err != nil && n < len(magic) && res.Size >= int64(len(magic)) {
+		return 0, fmt.Errorf("reading the in-memory file back: %w", err)
+	}
+	if !seekgz.IsGzip(magic[:n]) {
+		return res.Size, res.UTF8
+	}
+	payload, err := memfd.Map(f, res.Size)
+	if err != nil {
+		return 0, err
+	}
+	size, err := checkPayload(payload)
+	if uerr := memfd.Unmap(payload); uerr != nil && err == nil {
+		err = uerr
+	}
+	return size, err
 }
 
 // classifyPayload maps the errors of checkPayload that are about the

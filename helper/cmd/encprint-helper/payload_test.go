@@ -183,13 +183,19 @@ func loadPayloadCases(t *testing.T) []payloadCase {
 // decryptVector asks serve() to decrypt a vector over a real socketpair and
 // returns its answer and the descriptors that came with it.
 func decryptVector(t *testing.T, vector string) (map[string]interface{}, []int) {
-	dir := t.TempDir()
-	root := filepath.Join(dir, "gcodes")
-	os.Mkdir(root, 0o755)
 	data, err := os.ReadFile(filepath.Join(vectorDir, vector))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return decryptFile(t, data)
+}
+
+// decryptFile has serve decrypt data, encrypted to vectorIdentity, as
+// part.gcode and returns its answer and the descriptors that came with it.
+func decryptFile(t *testing.T, data []byte) (map[string]interface{}, []int) {
+	dir := t.TempDir()
+	root := filepath.Join(dir, "gcodes")
+	os.Mkdir(root, 0o755)
 	os.WriteFile(filepath.Join(root, "part.gcode"), data, 0o644)
 	identity := filepath.Join(dir, "printer.key")
 	os.WriteFile(identity, []byte(vectorIdentity+"\n"), 0o600)
@@ -291,5 +297,31 @@ func TestCompressedPayloads(t *testing.T) {
 				t.Fatal("the memfd's payload does not inflate to the G-code")
 			}
 		})
+	}
+}
+
+// A plain payload is checked as UTF-8 by the decrypting workers, segment by
+// segment: a lead byte that ends the first 1 MiB segment without its
+// continuation is found at its G-code offset, and no descriptor is handed
+// out.
+func TestPlainPayloadNotUTF8(t *testing.T) {
+	id, err := age.ParseX25519Identity(vectorIdentity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := []byte(strings.Repeat("G1 X1 Y2 ; teil-ü\n", 3<<20/19))
+	const bad = 1 << 20
+	text[bad-1], text[bad] = 0xc3, 'G' // a lead byte whose continuation is missing
+	var ct bytes.Buffer
+	if err := encfile.Encrypt(&ct, bytes.NewReader(text), encfile.EncryptOptions{Recipients: []age.Recipient{id.Recipient()}}); err != nil {
+		t.Fatal(err)
+	}
+	msg, fds := decryptFile(t, ct.Bytes())
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	want := fmt.Sprintf("not valid UTF-8 at byte %d", bad-1)
+	if msg["type"] != "error" || msg["code"] != contract.CodeNotUTF8 || len(fds) != 0 || !strings.Contains(fmt.Sprint(msg["message"]), want) {
+		t.Fatalf("got %v with %d descriptors, want a not_utf8 error naming byte %d and none", msg, len(fds), bad-1)
 	}
 }

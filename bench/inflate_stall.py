@@ -25,15 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 import dense_gcode  # noqa: E402
 import report  # noqa: E402
-
-
-def load_bridge():
-    import importlib.util
-    path = ROOT / "klippy-extras" / "encrypted_file_bridge.py"
-    spec = importlib.util.spec_from_file_location("encrypted_file_bridge", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bridge_module import load_bridge  # noqa: E402
 
 
 bridge = load_bridge()

@@ -101,6 +101,16 @@ class Printer:
                 out.append(link)
         return out
 
+    def restart_firmware(self) -> str:
+        """FIRMWARE_RESTART, reconnect, wait for klippy to release every
+        memfd; returns klippy.log after the last print start."""
+        self.gcode("FIRMWARE_RESTART")
+        self.api.close()
+        self.klippy.wait_ready()
+        self.api = self.klippy.api()
+        wait_for(lambda: self.klippy_memfds() == [], 5, "klippy to release the memfd")
+        return self.log_text().split("Starting SD card print", 1)[-1]
+
     def log_text(self) -> str:
         return self.klippy.log.read_text(errors="replace")
 
@@ -302,15 +312,8 @@ def test_emergency_stop_and_restart_mid_print_leak_no_cleartext(printer, fault,
         wait_for(lambda: printer.klippy.state() == "shutdown", 10, "shutdown")
         ps = printer.api.call("objects/query", objects={"print_stats": None})
         assert canary not in str(ps)
-        printer.gcode("FIRMWARE_RESTART")
-    else:
-        printer.gcode("FIRMWARE_RESTART")
-    printer.api.close()
-    printer.klippy.wait_ready()
-    printer.api = printer.klippy.api()
-    wait_for(lambda: printer.klippy_memfds() == [], 5, "klippy to release the memfd")
+    after = printer.restart_firmware()
     log = printer.log_text()
-    after = log.split("Starting SD card print", 1)[-1]
     if fault == "M112":
         # virtual_sdcard dumped the text around the position: it got none,
         # and an expected refusal leaves no traceback.

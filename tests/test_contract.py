@@ -4,12 +4,12 @@ must equal it (the Go side is checked by helper/contract's test)."""
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import re
 import struct
 
 import pytest
+from bridge_module import load_bridge
 from conftest import ROOT
 
 CONTRACT = json.loads((ROOT / "proto" / "contract.json").read_text())
@@ -60,10 +60,7 @@ def test_component_klipper_names_equal_the_contract(ep):
 def test_extra_values_equal_the_contract():
     """The Klipper extra is stdlib-only and cannot import the component:
     it defines its own copy of each value, checked here."""
-    spec = importlib.util.spec_from_file_location(
-        "encrypted_file_bridge", ROOT / "klippy-extras" / "encrypted_file_bridge.py")
-    bridge = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bridge)
+    bridge = load_bridge()
     k, m = CONTRACT["klipper"], CONTRACT["memfd"]
     assert bridge.MAGIC == CONTRACT["age"]["magic"].encode()
     assert bridge.ARMOR == CONTRACT["age"]["armor_begin"].encode()

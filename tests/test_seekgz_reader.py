@@ -18,21 +18,13 @@ from typing import Callable, Iterator
 
 import pytest
 
+from bridge_module import load_bridge
 from gcodegen import sample_gcode
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _load_bridge():
-    import importlib.util
-    path = ROOT / "klippy-extras" / "encrypted_file_bridge.py"
-    spec = importlib.util.spec_from_file_location("encrypted_file_bridge", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sr = _load_bridge()
+sr = load_bridge()
 FOOTER_SIZE = sr.SEEKGZ_FOOTER_SIZE
 
 

@@ -88,6 +88,16 @@ class Keys:
         return Keys(self.bin, self.dir / name)
 
 
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory) -> pathlib.Path:
+    """The Go seekable gzip encoder alone (bench/seekgz_encode), for tests
+    that build compressed payloads without encrypting them."""
+    exe = tmp_path_factory.mktemp("enc") / "seekgz_encode"
+    subprocess.run(["go", "build", "-o", str(exe), "./bench/seekgz_encode"], cwd=ROOT,
+                   check=True)
+    return exe
+
+
 @pytest.fixture
 def keys(binaries, tmp_path) -> Keys:
     return Keys(binaries, tmp_path / "keys")

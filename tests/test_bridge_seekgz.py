@@ -25,14 +25,6 @@ LINE = 64  # bytes per record of the numbered files: a record starts every block
 M117 = 15  # its first line, "M117 L%08d\n"
 
 
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> pathlib.Path:
-    exe = tmp_path_factory.mktemp("enc") / "seekgz_encode"
-    subprocess.run(["go", "build", "-o", str(exe), "./bench/seekgz_encode"], cwd=ROOT,
-                   check=True)
-    return exe
-
-
 @pytest.fixture
 def compress(encoder, tmp_path):
     """The seekable gzip of a G-code, made by the Go encoder (the cleartext

@@ -51,14 +51,6 @@ class Printer:
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> pathlib.Path:
-    exe = tmp_path_factory.mktemp("enc") / "seekgz_encode"
-    subprocess.run(["go", "build", "-o", str(exe), "./bench/seekgz_encode"], cwd=ROOT,
-                   check=True)
-    return exe
-
-
-@pytest.fixture(scope="module")
 def clear() -> bytes:
     data = sample_gcode(layers=40, moves_per_layer=60, thumbnails=False)
     # Not a multiple of the block size, several blocks, a non-ASCII comment.

@@ -4,6 +4,8 @@
 set -eu
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/system_layout.sh
+. "$REPO/scripts/system_layout.sh"
 KLIPPER="$HOME/klipper"
 KLIPPY_ENV="$HOME/klippy-env"
 MOONRAKER="$HOME/moonraker"
@@ -16,7 +18,6 @@ RESTART=1
 PRIVILEGE_STEP=1    # 0: --no-privilege-step, or decided by check_privilege
 SYSTEM_ROOT=""      # --system-root: the installed helper's files under DIR
 AS_ROOT=0           # Klipper and Moonraker run as root (Creality K1)
-HELPER_USER="encprint"
 HELPER_GECOS="klipper-encprint helper"  # uninstall.sh removes only this user
 # Where release binaries are downloaded from (a release dir per tag); the
 # tests point it at a local file:// folder.
@@ -79,15 +80,7 @@ parse_args() {
         esac
         shift
     done
-    # Where the installed helper's files are: privsep's compiled-in paths.
-    # The Makefile composes the same ones for SYSTEM_ROOT.
-    LIBEXEC="$SYSTEM_ROOT/usr/local/libexec/encprint"
-    INSTALLED_HELPER="$LIBEXEC/encprint-helper"
-    SYS_LIB="$SYSTEM_ROOT/var/lib/encprint"
-    SYS_IDENTITY="$SYS_LIB/identity"
-    SYS_STATE="$SYS_LIB/state"
-    SYS_ETC="$SYSTEM_ROOT/etc/encprint"
-    SYS_POLICY="$SYS_ETC/policy.json"
+    system_layout
 }
 
 check_user() {
@@ -388,12 +381,6 @@ system_policy() {
     sudo install -o root -g root -m 0644 "$tmp" "$SYS_POLICY"
     rm -f "$tmp"
     info "written from moonraker.conf's [encrypted_print] require_signature and trusted_publishers"
-}
-
-# has_state: the state directory holds a state (two slots, or the single
-# file of an earlier helper), whole or not: it is never replaced.
-has_state() {
-    sudo test -e "$SYS_STATE/state.a" -o -e "$SYS_STATE/state.b" -o -e "$SYS_STATE/state"
 }
 
 # system_state creates the print-count state, or keeps it; a new state or a

@@ -9,6 +9,8 @@
 set -eu
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/system_layout.sh
+. "$REPO/scripts/system_layout.sh"
 KLIPPER="$HOME/klipper"
 MOONRAKER="$HOME/moonraker"
 DATA="$HOME/printer_data"
@@ -18,7 +20,6 @@ MOONRAKER_SERVICE="moonraker"
 RESTART=1
 REMOVE_IDENTITY=0
 SYSTEM_ROOT=""
-HELPER_USER="encprint"
 HELPER_GECOS="klipper-encprint helper"  # as install.sh creates it
 
 usage() {
@@ -62,12 +63,7 @@ if [ "$(id -u)" -eq 0 ]; then
         || die "do not run uninstall.sh as root: run it as the user that runs Klipper and Moonraker"
     AS_ROOT=1
 fi
-# install.sh's paths of the installed helper (privsep's compiled-in ones).
-LIBEXEC="$SYSTEM_ROOT/usr/local/libexec/encprint"
-SYS_LIB="$SYSTEM_ROOT/var/lib/encprint"
-SYS_IDENTITY="$SYS_LIB/identity"
-SYS_STATE="$SYS_LIB/state"
-SYS_ETC="$SYSTEM_ROOT/etc/encprint"
+system_layout
 SYSTEM=0
 if [ -e "$LIBEXEC" ] || [ -e "$SYS_LIB" ] || [ -e "$SYS_ETC" ]; then
     SYSTEM=1
@@ -109,11 +105,11 @@ give_back() {
     mine=$("$REPO/bin/encprint" recipient "$IDENTITY" 2>/dev/null | head -1 || true)
     info "same recipient ${mine:-(bin/encprint is missing: not checked)}; it is a file of $(id -un) again,"
     info "so anyone with the web UI can now obtain it (docs/install.md)"
-    if sudo test -e "$SYS_STATE/state.a" -o -e "$SYS_STATE/state.b" -o -e "$SYS_STATE/state"; then
+    if has_state; then
         stamp=$(date -u +%Y%m%dT%H%M%SZ)
         copy="$(dirname "$IDENTITY")/state-$stamp"
         mkdir -m 0700 "$copy"
-        for f in state state.a state.b; do
+        for f in $STATE_FILES; do
             if sudo test -e "$SYS_STATE/$f"; then
                 sudo install -o "$(id -u)" -g "$(id -g)" -m 0600 "$SYS_STATE/$f" "$copy/$f"
             fi

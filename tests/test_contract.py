@@ -7,6 +7,7 @@ import fcntl
 import json
 import re
 import struct
+import subprocess
 
 import pytest
 from bridge_module import load_bridge
@@ -113,3 +114,25 @@ def test_payload_values_describe_the_committed_seekable_gzips():
         assert p["min_block_size"] <= block <= p["max_block_size"], v["file"]
         assert data.startswith(magic) or len(data) == p["footer_size"], v["file"]
     assert p["min_block_size"] <= p["default_block_size"] <= p["max_block_size"]
+
+
+def test_installed_helper_paths_agree_in_scripts_makefile_and_helper():
+    """install.sh and uninstall.sh (scripts/system_layout.sh), the Makefile's
+    SYSTEM_ROOT build and privsep's compiled-in defaults name the same files."""
+    def layout(root: str) -> list:
+        out = subprocess.run(
+            ["bash", "-c", '. scripts/system_layout.sh; system_layout; '
+             'echo "$SYS_IDENTITY $SYS_POLICY $SYS_STATE"'],
+            cwd=ROOT, env={"SYSTEM_ROOT": root, "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, check=True).stdout.split()
+        return out
+    go = (ROOT / "helper/privsep/start.go").read_text()
+    defaults = [re.search(rf'\t{name}\s*=\s*"([^"]+)"', go).group(1)
+                for name in ("IdentityPath", "PolicyPath", "StateDir")]
+    assert layout("") == defaults
+    make = subprocess.run(["make", "-n", "-B", "bin/encprint-helper-sysroot",
+                           "SYSTEM_ROOT=/sysroot"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+    got = [re.search(rf"privsep\.{name}=([^\s']+)", make).group(1)
+           for name in ("IdentityPath", "PolicyPath", "StateDir")]
+    assert got == layout("/sysroot")

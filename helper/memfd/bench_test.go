@@ -72,22 +72,10 @@ func BenchmarkFill256MiB(b *testing.B) {
 	})
 }
 
-func fill(m, src []byte) {
-	var wg sync.WaitGroup
-	workers := runtime.GOMAXPROCS(0)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for off := w * len(src); off < len(m); off += workers * len(src) {
-				copy(m[off:], src)
-			}
-		}()
-	}
-	wg.Wait()
-}
-
-func pwriteFill(fd uintptr, size int, src []byte) {
+// eachWorker runs work(buf, off) for every len(src)-sized piece of size bytes,
+// one goroutine per CPU with a buffer of its own, each taking every
+// GOMAXPROCS-th piece.
+func eachWorker(size int, src []byte, work func(buf []byte, off int)) {
 	var wg sync.WaitGroup
 	workers := runtime.GOMAXPROCS(0)
 	for w := 0; w < workers; w++ {
@@ -96,10 +84,20 @@ func pwriteFill(fd uintptr, size int, src []byte) {
 			defer wg.Done()
 			buf := make([]byte, len(src))
 			for off := w * len(src); off < size; off += workers * len(src) {
-				copy(buf, src)
-				unix.Pwrite(int(fd), buf, int64(off))
+				work(buf, off)
 			}
 		}()
 	}
 	wg.Wait()
+}
+
+func fill(m, src []byte) {
+	eachWorker(len(m), src, func(_ []byte, off int) { copy(m[off:], src) })
+}
+
+func pwriteFill(fd uintptr, size int, src []byte) {
+	eachWorker(size, src, func(buf []byte, off int) {
+		copy(buf, src)
+		unix.Pwrite(int(fd), buf, int64(off))
+	})
 }
